@@ -82,3 +82,63 @@ def write_kv(
     S = kv_pool.shape[2]
     kv = jnp.concatenate([k, v], axis=1).astype(kv_pool.dtype)  # [T, 2*KH, D]
     return kv_pool.at[layer, slot_mapping // S, slot_mapping % S].set(kv)
+
+
+def ragged_paged_attention_blocked(
+    q: jax.Array,  # [T, NH, D]
+    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
+    layer: jax.Array | int,
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_tokens: int = 128,
+) -> jax.Array:  # [T, NH, D]
+    """The CPU serving path: the same function as ragged_paged_attention, computed with an online
+    softmax over blocks of KV pages, looping only up to the longest live sequence, so the cost
+    follows the real context instead of the page table's width."""
+    T, NH, D = q.shape
+    _, _, S, KH2, _ = kv_pool.shape
+    KH = KH2 // 2
+    G = NH // KH
+    B, MP = md.page_table.shape
+    C = max(1, min(block_tokens // S, MP))  # pages per block
+    n_blocks = -(-MP // C)
+    page_table = jnp.pad(md.page_table, ((0, 0), (0, n_blocks * C - MP)))  # [B, n_blocks * C]
+
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.searchsorted(md.cu_q_lens[1:], t, side="right").astype(jnp.int32)  # [T]
+    valid_q = seq < jnp.minimum(md.num_seqs[0], B)
+    seq = jnp.minimum(seq, B - 1)
+    q_len = md.cu_q_lens[seq + 1] - md.cu_q_lens[seq]
+    kv_len = jnp.where(valid_q, md.kv_lens[seq], 0)  # [T]
+    q_pos = kv_len - q_len + (t - md.cu_q_lens[seq])  # [T]
+    qg = q.reshape(T, KH, G, D).astype(jnp.float32) * sm_scale
+
+    def body(i, carry):
+        m, l, acc = carry  # [T, KH, G], [T, KH, G], [T, KH, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(page_table, i * C, C, axis=1)[seq]  # [T, C]
+        kv = kv_pool[layer, pages].reshape(T, C * S, KH2, D).astype(jnp.float32)  # [T, C*S, 2*KH, D]
+        s = jnp.einsum("tkgd,tnkd->tkgn", qg, kv[:, :, :KH])  # [T, KH, G, C*S]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = i * C * S + jnp.arange(C * S, dtype=jnp.int32)
+        mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len[:, None])
+        if sliding_window is not None:
+            mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        l = l * alpha + jnp.sum(p, axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("tkgn,tnkd->tkgd", p, kv[:, :, KH:])
+        return m_new, l, acc
+
+    n_live = -(-jnp.max(kv_len) // (C * S))
+    init = (jnp.full((T, KH, G), -jnp.inf, jnp.float32), jnp.zeros((T, KH, G), jnp.float32),
+            jnp.zeros((T, KH, G, D), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_live, body, init)
+    o = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return o.reshape(T, NH, D).astype(q.dtype)

@@ -1,0 +1,89 @@
+"""The paged KV pool: one device array for all layers plus a host allocator of its pages.
+
+Page 0 is reserved: padding tokens write there and no sequence ever reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxradix.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_POOL_BYTES = 2 << 30  # no memory stats on CPU: a fixed budget
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype) -> int:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pool_tokens(cfg: ModelConfig, dtype: jnp.dtype, max_total_tokens: int | None,
+                mem_fraction_static: float) -> int:
+    """Pool size in tokens: max_total_tokens, or mem_fraction_static of the device's memory minus
+    what is already in use (the weights)."""
+    if max_total_tokens is not None:
+        return max_total_tokens
+    per_token = kv_bytes_per_token(cfg, dtype)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        budget = stats["bytes_limit"] * mem_fraction_static - stats.get("bytes_in_use", 0)
+    else:
+        budget = CPU_DEFAULT_POOL_BYTES
+    if budget < per_token * 256:
+        raise ValueError(f"mem_fraction_static={mem_fraction_static} leaves {budget / 2**20:.0f} MiB for the KV "
+                         f"pool, too little; raise it or set max_total_tokens")
+    return int(budget // per_token)
+
+
+class PagePool:
+    def __init__(self, cfg: ModelConfig, num_tokens: int, page_size: int, dtype: jnp.dtype):
+        self.page_size = page_size
+        self.num_pages = num_tokens // page_size + 1  # + the reserved page 0
+        if self.num_pages < 2:
+            raise ValueError(f"max_total_tokens={num_tokens} holds no page of {page_size} tokens")
+        self.kv = jnp.zeros(  # [L, P, S, 2*KH, D]
+            (cfg.num_layers, self.num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim), dtype)
+        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)  # a stack; pops low pages first
+        self._num_free = self.num_pages - 1
+        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", self.num_pages - 1, page_size,
+                    self.kv.nbytes / 2**20)
+
+    @property
+    def capacity(self) -> int:
+        """Usable pages (page 0 excluded)."""
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    def alloc(self, n: int) -> np.ndarray | None:
+        """n pages, or None when fewer are free (the caller evicts or retracts and retries)."""
+        if n > self._num_free:
+            return None
+        self._num_free -= n
+        return self._free[self._num_free:self._num_free + n][::-1].copy()
+
+    def free(self, pages: np.ndarray) -> None:
+        n = len(pages)
+        if n == 0:
+            return
+        assert self._num_free + n <= self.capacity, "page double free"
+        self._free[self._num_free:self._num_free + n] = pages
+        self._num_free += n
+
+    def free_slots(self, slots: np.ndarray) -> None:
+        """Free the pages of token slots handed back by the radix tree (always whole pages)."""
+        self.free(np.asarray(slots[:: self.page_size] // self.page_size, np.int32))
+
+    def free_pages_set(self) -> set[int]:
+        return set(self._free[: self._num_free].tolist())
+
+    def reset(self) -> None:
+        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
+        self._num_free = self.num_pages - 1

@@ -1,0 +1,67 @@
+"""EngineConfig: every engine setting in one validated dataclass (server flags map onto it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULE_POLICIES = ("lpm", "fcfs", "dfs-weight")
+ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+GRAMMAR_BACKENDS = ("llguidance", "none")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("JAXRADIX_COMPILATION_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "jaxradix", "jax"))
+
+
+@dataclass
+class EngineConfig:
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    load_format: str = "auto"
+    dtype: str = "auto"
+    context_length: int | None = None  # None: the model's max_position_embeddings (capped by the pool)
+    page_size: int = 16
+    max_total_tokens: int | None = None  # KV pool size in tokens; None: mem_fraction_static of free memory
+    mem_fraction_static: float = 0.85
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 512  # max prefill tokens in one step; -1 disables chunking
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    attention_backend: str = "auto"
+    grammar_backend: str = "llguidance"
+    random_seed: int = 0
+    precompile: bool = True  # compile every bucket at start-up
+    compilation_cache_dir: str | None = field(default_factory=default_cache_dir)
+    decode_log_interval: int = 40
+    new_token_ratio: float = 0.7  # share of max_new_tokens reserved for running requests at admission
+    min_new_token_ratio: float = 0.15
+    stream_interval: int = 1
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+
+        check(self.page_size in (1, 2, 4, 8, 16, 32, 64, 128), "page_size", "must be a power of two <= 128")
+        check(self.max_total_tokens is None or self.max_total_tokens > 0, "max_total_tokens", "must be > 0")
+        check(0 < self.mem_fraction_static < 1, "mem_fraction_static", "must be in (0, 1)")
+        check(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
+        check(self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 16,
+              "chunked_prefill_size", "must be >= 16 or -1")
+        check(self.schedule_policy in SCHEDULE_POLICIES, "schedule_policy", f"must be one of {SCHEDULE_POLICIES}")
+        check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+              f"must be one of {ATTENTION_BACKENDS}")
+        check(self.grammar_backend in GRAMMAR_BACKENDS, "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}")
+        check(self.context_length is None or self.context_length >= 16, "context_length", "must be >= 16")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
+        return cls(**kwargs)

@@ -1,0 +1,146 @@
+"""Host -> device: the one metadata pytree of a step, built in numpy and padded to a bucket.
+
+A step runs B rows (sequences) and T tokens. Decode-only steps use T = B from the batch-size
+buckets; steps with any extend row use a token bucket with B = the largest batch bucket. Padding
+tokens write their K/V into page 0 and padding rows have q_len = kv_len = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jaxradix.engine.request import Request
+from jaxradix.engine.sampler import SamplingMetadata
+from jaxradix.pallas_kernels.metadata import AttentionMetadata
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInput:
+    input_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32, pool slot (page * S + offset) where each token's K/V goes
+    attn: AttentionMetadata
+    logits_indices: jax.Array  # [B] int32, the token whose logits row b samples from
+    sampling: SamplingMetadata
+    lp_targets: jax.Array  # [T] int32, next prompt token at each position (-1: no prompt logprob)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    tokens: int  # T
+    rows: int  # B
+
+
+def _pow2_sizes(lo: int, hi: int) -> list[int]:
+    sizes, s = [], lo
+    while s < hi:
+        sizes.append(s)
+        s *= 2
+    return sizes + [hi]
+
+
+class Buckets:
+    """The static shapes the step is compiled for."""
+
+    def __init__(self, max_rows: int, max_tokens: int, min_tokens: int = 32):
+        self.batch_sizes = _pow2_sizes(1, max_rows)
+        self.max_rows = max_rows
+        self.token_sizes = _pow2_sizes(min(min_tokens, max_tokens), max(max_tokens, max_rows))
+
+    def all(self) -> list[Bucket]:
+        return [Bucket(b, b) for b in self.batch_sizes] + [Bucket(t, self.max_rows) for t in self.token_sizes]
+
+    def pick(self, num_rows: int, num_tokens: int) -> Bucket:
+        if num_tokens == num_rows:  # decode only
+            return Bucket(*(2 * [next(b for b in self.batch_sizes if b >= num_rows)]))
+        t = next((t for t in self.token_sizes if t >= num_tokens), None)
+        if t is None:
+            raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.token_sizes[-1]}")
+        return Bucket(t, self.max_rows)
+
+
+@dataclass
+class Row:
+    req: Request
+    start: int  # kv_len before the step: tokens [start, start + n) are computed now
+    n: int
+    samples: bool  # the step reaches the end of the sequence, so row's sampled token is kept
+    prompt_logprobs: bool = False
+    new: bool = False  # admitted this step
+
+
+def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
+               mask_words: int, grammar_masks: np.ndarray | None = None) -> StepInput:
+    """Numpy arrays for one step; grammar_masks is [len(rows), mask_words] uint32 or None."""
+    T, B = bucket.tokens, bucket.rows
+    input_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slot_mapping = np.zeros(T, np.int32)  # padding -> page 0
+    lp_targets = np.full(T, -1, np.int32)
+    cu = np.zeros(B + 1, np.int32)
+    kv_lens = np.zeros(B, np.int32)
+    page_table = np.zeros((B, max_pages), np.int32)
+    logits_idx = np.zeros(B, np.int32)
+    temperature = np.zeros(B, np.float32)
+    top_p = np.ones(B, np.float32)
+    top_k = np.zeros(B, np.int32)
+    min_p = np.zeros(B, np.float32)
+    freq = np.zeros(B, np.float32)
+    pres = np.zeros(B, np.float32)
+    rep = np.ones(B, np.float32)
+    seed = np.zeros(B, np.uint32)
+    step = np.zeros(B, np.int32)
+    slot = np.zeros(B, np.int32)
+    use_state = np.zeros(B, bool)
+    mask = np.full((B, mask_words), 0xFFFFFFFF, np.uint32)
+    needs_filter = False
+    needs_top = False
+
+    t = 0
+    for b, row in enumerate(rows):
+        r, p = row.req, row.req.params
+        n_prompt = len(r.prompt_ids)
+        end = row.start + row.n
+        if row.n == 1 and row.start >= n_prompt:
+            input_ids[t] = r.output_ids[row.start - n_prompt]
+        else:
+            input_ids[t:t + row.n] = (r.prompt_ids[row.start:end] if end <= n_prompt
+                                      else r.all_ids[row.start:end])
+        pos = np.arange(row.start, end, dtype=np.int32)
+        positions[t:t + row.n] = pos
+        slot_mapping[t:t + row.n] = r.pages[pos // page_size] * page_size + pos % page_size
+        if row.prompt_logprobs:
+            lp_targets[t:t + row.n] = r.all_ids[row.start + 1:end + 1] + [-1] * (end + 1 - r.seq_len)
+        t += row.n
+        cu[b + 1] = t
+        kv_lens[b] = end
+        page_table[b, :len(r.pages)] = r.pages
+        logits_idx[b] = t - 1
+        temperature[b] = p.temperature if not p.greedy else 0.0
+        top_p[b], top_k[b], min_p[b] = p.top_p, max(p.top_k, 0), p.min_p
+        freq[b], pres[b], rep[b] = p.frequency_penalty, p.presence_penalty, p.repetition_penalty
+        seed[b] = r.seed & 0xFFFFFFFF
+        step[b] = len(r.output_ids)
+        slot[b] = r.slot
+        use_state[b] = p.needs_state and row.samples
+        needs_filter |= temperature[b] > 0 and (top_k[b] > 0 or top_p[b] < 1 or min_p[b] > 0)
+        needs_top |= r.logprobs.top_logprobs_num > 0
+        if grammar_masks is not None:
+            mask[b] = grammar_masks[b]
+    cu[len(rows) + 1:] = t
+    return StepInput(
+        input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+        attn=AttentionMetadata(cu_q_lens=cu, kv_lens=kv_lens, page_table=page_table,
+                               num_seqs=np.array([len(rows)], np.int32)),
+        logits_indices=logits_idx,
+        sampling=SamplingMetadata(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=freq,
+            presence_penalty=pres, repetition_penalty=rep, seed=seed, step=step, slot=slot,
+            use_state=use_state, grammar_mask=mask, needs_filter=np.array(needs_filter),
+            needs_top_logprobs=np.array(needs_top)),
+        lp_targets=lp_targets,
+    )

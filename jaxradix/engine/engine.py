@@ -1,0 +1,522 @@
+"""Engine: the Python API and the background loop that drives scheduler and runner.
+
+All engine state is owned by the loop thread. Callers talk to it through a command queue
+(submit, abort, flush, integrity check) and read results from per-request event queues, so the
+API is safe to call from any thread or from asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxradix.cache.page_pool import PagePool, pool_tokens
+from jaxradix.cache.radix_cache import RadixCache
+from jaxradix.config import EngineConfig
+from jaxradix.engine.batch import Buckets, build_step
+from jaxradix.engine.model_runner import ModelRunner, StepResult, enable_compilation_cache
+from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
+from jaxradix.engine.scheduler import Scheduler
+
+logger = logging.getLogger("jaxradix")
+
+
+@dataclass
+class _Handle:
+    """The caller's side of one request."""
+
+    req: Request
+    events: queue.Queue = field(default_factory=queue.Queue)  # output dicts; the last has finished=True
+    detok: Any = None
+    text: str = ""
+    sent_tokens: int = 0
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs: Any):
+        self.config = cfg = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+        logging.basicConfig(level=cfg.log_level.upper(), format="[%(asctime)s] %(message)s")
+        enable_compilation_cache(cfg.compilation_cache_dir)
+        import jax
+
+        from jaxradix.models.loader import load_model
+        from jaxradix.pallas_kernels import get_attention
+
+        self.loaded = load_model(model_path, load_format=cfg.load_format, dtype=cfg.dtype, seed=cfg.random_seed)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        dtype = self.loaded.model.dtype
+        tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static)
+        self.pool = PagePool(mc, tokens, cfg.page_size, dtype)
+        self.context_len = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings,
+                               self.pool.capacity * cfg.page_size)
+        self.tree = RadixCache(page_size=cfg.page_size, disable=cfg.disable_radix_cache,
+                               free_slots=self.pool.free_slots)
+        chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
+        self.scheduler = Scheduler(
+            self.pool, self.tree, num_slots=cfg.max_running_requests, context_len=self.context_len,
+            chunk_size=chunk, policy=cfg.schedule_policy, new_token_ratio=cfg.new_token_ratio,
+            min_new_token_ratio=cfg.min_new_token_ratio)
+        self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
+        max_pages = -(-self.context_len // cfg.page_size)
+        self.runner = ModelRunner(self.loaded.model, self.pool, self.buckets, max_pages,
+                                  cfg.max_running_requests, self.context_len, get_attention(cfg.attention_backend))
+        self.stop_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None:
+            self.stop_token_ids |= set(self.tokenizer.stop_token_ids)
+        self.grammar = None  # the grammar backend, made on the first constrained request
+        self._rng = np.random.default_rng(cfg.random_seed)
+        self._inbox: queue.Queue = queue.Queue()
+        self._handles: dict[str, _Handle] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "requests": 0,
+                      "steps": 0, "decode_steps": 0, "retractions": 0}
+        self._last_log = (time.perf_counter(), 0)
+        self.compile_seconds = self.runner.precompile() if cfg.precompile else 0.0
+        logger.info("engine ready: %s, %d KV tokens, context %d, backend %s", self.loaded.source,
+                    self.pool.capacity * cfg.page_size, self.context_len, jax.default_backend())
+        self._thread = threading.Thread(target=self._loop, name="jaxradix-engine", daemon=True)
+        self._thread.start()
+
+    # == public API ================================================================================
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: SamplingParams | dict | list |
+                 None = None, input_ids: list[int] | list[list[int]] | None = None, *, return_logprob: bool = False,
+                 top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False,
+                 rid: str | list[str] | None = None, extra_key: str | None = None) -> Any:
+        """One prompt -> a dict (a list of n dicts when n > 1); a list of prompts -> a flat list.
+        stream=True (single prompt, n = 1) returns an iterator of cumulative output dicts."""
+        handles, single = self._submit(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+                                       logprob_start_len, rid, extra_key, stream)
+        if stream:
+            if len(handles) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return self._stream(handles[0])
+        outs = [self._wait(h) for h in handles]
+        return outs[0] if single and len(outs) == 1 else outs
+
+    async def async_generate(self, prompt: str | list[str] | None = None, sampling_params: Any = None,
+                             input_ids: Any = None, *, stream: bool = False, **kwargs: Any) -> Any:
+        """The asyncio form: awaits the result, or (stream=True) returns an async iterator."""
+        handles, single = self._submit(prompt, sampling_params, input_ids, kwargs.pop("return_logprob", False),
+                                       kwargs.pop("top_logprobs_num", 0), kwargs.pop("logprob_start_len", -1),
+                                       kwargs.pop("rid", None), kwargs.pop("extra_key", None), stream)
+        if kwargs:
+            raise TypeError(f"unknown arguments {sorted(kwargs)}")
+        if stream:
+            if len(handles) != 1:
+                raise ValueError("stream=True takes a single prompt with n=1")
+            return self._astream(handles[0])
+        outs = [await asyncio.to_thread(self._wait, h) for h in handles]
+        return outs[0] if single and len(outs) == 1 else outs
+
+    def abort(self, rid: str) -> None:
+        self._command(lambda: self._abort(rid), wait=False)
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests are queued or running."""
+        return self._command(self._flush)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self._command(self._cache_stats)
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError when pages leak: free + evictable + locked + owned == pool pages."""
+        self._command(self.scheduler.check_integrity)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while not self._command(lambda: self.scheduler.idle and self._inbox.empty()):
+            if time.monotonic() > end:
+                raise TimeoutError("engine did not become idle")
+            time.sleep(0.01)
+
+    def shutdown(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass input_ids")
+        return self.tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    # == submission ================================================================================
+    def _submit(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: bool,
+                top_logprobs_num: int, logprob_start_len: int, rid: Any, extra_key: str | None,
+                stream: bool) -> tuple[list[_Handle], bool]:
+        if self._stopped:
+            raise RuntimeError("engine is shut down")
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt or input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt)
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt: must be a string or a list of strings")
+            ids_list = [self.encode(p) if p else [] for p in prompts]
+        else:
+            single = not input_ids or not isinstance(input_ids[0], list | tuple)
+            ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]
+        n = len(ids_list)
+        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+        if len(sps) != n:
+            raise ValueError(f"sampling_params: {len(sps)} given for {n} prompts")
+        rids = [rid] if isinstance(rid, str) else (rid or [None] * n)
+        if len(rids) != n:
+            raise ValueError(f"rid: {len(rids)} given for {n} prompts")
+        reqs: list[Request] = []
+        for ids, sp, r in zip(ids_list, sps, rids, strict=True):
+            params = self._params(sp)
+            self._validate_ids(ids)
+            lp = LogprobOptions(return_logprob, top_logprobs_num, logprob_start_len)
+            lp.validate(len(ids))
+            base = r or uuid.uuid4().hex
+            seed = params.seed if params.seed is not None else int(self._rng.integers(1 << 31))
+            for i in range(params.n):
+                child_rid = base if params.n == 1 else f"{base}-{i}"
+                grammar = self._compile_grammar(params) if params.constraint else None
+                reqs.append(Request(child_rid, list(ids), params, lp, extra_key, seed=seed + i, grammar=grammar))
+        handles = [self._make_handle(q, stream) for q in reqs]
+        for h in handles:
+            self._inbox.put(("add", h))
+        self._wake.set()
+        return handles, single
+
+    def _params(self, sp: Any) -> SamplingParams:
+        if sp is None:
+            return SamplingParams()
+        if isinstance(sp, SamplingParams):
+            sp.validate(self.model_config.vocab_size)
+            return sp
+        if isinstance(sp, dict):
+            try:
+                p = SamplingParams(**sp)
+            except TypeError as e:
+                raise ValueError(f"sampling_params: {e}") from e
+            p.validate(self.model_config.vocab_size)
+            return p
+        raise ValueError(f"sampling_params: must be a SamplingParams or a dict, got {type(sp).__name__}")
+
+    def _validate_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        V = self.model_config.vocab_size
+        if not all(isinstance(t, int | np.integer) and 0 <= t < V for t in ids):
+            raise ValueError(f"input_ids: every token id must be an integer in [0, {V})")
+        if len(ids) >= self.context_len:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the context length {self.context_len} "
+                             f"(at least one token must be generated)")
+
+    def _compile_grammar(self, params: SamplingParams) -> Any:
+        if self.config.grammar_backend == "none" or self.tokenizer is None:
+            raise ValueError("constrained decoding needs a tokenizer and grammar_backend='llguidance'")
+        if self.grammar is None:
+            from jaxradix.constrained import GrammarBackend
+
+            self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+        return self.grammar.matcher(*params.constraint)
+
+    def _make_handle(self, req: Request, stream: bool) -> _Handle:
+        h = _Handle(req)
+        if self.tokenizer is not None:
+            from jaxradix.tokenizer import IncrementalDetokenizer
+
+            h.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
+                                             skip_special_tokens=req.params.skip_special_tokens,
+                                             stop=req.params.stop)
+        h.stream = stream
+        return h
+
+    def _wait(self, h: _Handle) -> dict:
+        while True:
+            out = h.events.get()
+            if out["meta_info"]["finish_reason"] is not None:
+                return out
+
+    def _stream(self, h: _Handle) -> Iterator[dict]:
+        try:
+            while True:
+                out = h.events.get()
+                yield out
+                if out["meta_info"]["finish_reason"] is not None:
+                    return
+        finally:
+            if h.req.finish_reason is None:
+                self.abort(h.req.rid)
+
+    async def _astream(self, h: _Handle) -> AsyncIterator[dict]:
+        try:
+            while True:
+                out = await asyncio.to_thread(h.events.get)
+                yield out
+                if out["meta_info"]["finish_reason"] is not None:
+                    return
+        finally:
+            if h.req.finish_reason is None:
+                self.abort(h.req.rid)
+
+    def _command(self, fn: Callable[[], Any], wait: bool = True) -> Any:
+        fut: Future = Future()
+        self._inbox.put(("call", fn, fut))
+        self._wake.set()
+        return fut.result() if wait else None
+
+    # == the loop ==================================================================================
+    def _loop(self) -> None:
+        while True:
+            idle = self.scheduler.idle
+            try:
+                item = self._inbox.get(timeout=0.05) if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                item = ()
+            while item != ():
+                if item is None:
+                    self._fail_all("engine shut down")
+                    return
+                self._handle_item(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = ()
+            if self.scheduler.idle:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # keep serving: fail the requests of the broken step, free their memory
+                logger.exception("engine step failed")
+                self._fail_all(f"internal error: {e}")
+
+    def _handle_item(self, item: tuple) -> None:
+        if item[0] == "add":
+            h = item[1]
+            self._handles[h.req.rid] = h
+            self.scheduler.add(h.req)
+        else:
+            _, fn, fut = item
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def _step(self) -> None:
+        sched = self.scheduler
+        res = sched.schedule()
+        self.stats["retractions"] += len(res.retracted)
+        for req in res.exhausted:
+            self._finish(req, FinishReason.LENGTH, "kv pool exhausted")
+        rows = [r for r in res.rows if r.req.slot >= 0]
+        if not rows:
+            if sched.waiting and not sched.running:
+                raise RuntimeError("scheduler admitted nothing while idle")
+            return
+        for row in rows:
+            if row.new and row.req.params.needs_state:
+                r = row.req
+                self.runner.init_slot(r.slot, r.prompt_ids, r.output_ids, r.params.logit_bias)
+        num_tokens = sum(r.n for r in rows)
+        bucket = self.buckets.pick(len(rows), num_tokens)
+        masks = None
+        if any(r.req.grammar is not None for r in rows):
+            masks = np.full((len(rows), self.runner.mask_words), 0xFFFFFFFF, np.uint32)
+            for i, r in enumerate(rows):
+                if r.req.grammar is not None and r.samples:
+                    r.req.grammar.fill_mask(masks[i])
+        inp = build_step(rows, bucket, self.pool.page_size, self.runner.max_pages, self.runner.mask_words, masks)
+        want_lp = any(r.prompt_logprobs for r in rows)
+        t0 = time.perf_counter()
+        result = self.runner.step(inp, bucket, want_lp)
+        sched.after_step(rows)
+        self.stats["steps"] += 1
+        self._process(rows, result, inp)
+        if res.new_seqs or res.new_tokens:
+            self._log_prefill(res)
+        else:
+            self.stats["decode_steps"] += 1
+            if self.stats["decode_steps"] % self.config.decode_log_interval == 0:
+                self._log_decode()
+        self._last_step_seconds = time.perf_counter() - t0
+
+    def _process(self, rows: list, result: StepResult, inp: Any) -> None:
+        t = 0
+        for b, row in enumerate(rows):
+            req = row.req
+            h = self._handles.get(req.rid)
+            if row.prompt_logprobs and result.prompt is not None:
+                self._record_prompt_logprobs(req, row, result, t)
+            t += row.n
+            if not row.samples or req.finished or h is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = time.perf_counter()
+            if req.params.max_new_tokens == 0:
+                self._finish(req, FinishReason.LENGTH)
+                continue
+            tok = int(result.tokens[b])
+            req.output_ids.append(tok)
+            self.stats["generated_tokens"] += 1
+            if req.logprobs.return_logprob:
+                req.output_logprobs.append(float(result.logprobs[b]))
+                k = req.logprobs.top_logprobs_num
+                if k:
+                    req.output_top_logprobs.append(
+                        [(int(i), float(v)) for i, v in zip(result.top_ids[b, :k], result.top_logprobs[b, :k],
+                                                            strict=True)])
+            reason, detail = self._check_stop(req, h, tok)
+            if reason is not None:
+                self._finish(req, reason, detail)
+            elif h.stream and len(req.output_ids) % self.config.stream_interval == 0:
+                h.events.put(self._output(h))
+
+    def _record_prompt_logprobs(self, req: Request, row: Any, result: StepResult, t: int) -> None:
+        p = result.prompt
+        start = req.logprobs.logprob_start_len
+        if not req.prompt_logprobs:
+            req.prompt_logprobs = [None] * len(req.prompt_ids)
+            req.prompt_top_logprobs = [None] * len(req.prompt_ids)
+        k = req.logprobs.top_logprobs_num
+        for j in range(row.n):
+            pos = row.start + j + 1  # the prompt token whose logprob this position predicts
+            if start <= pos < len(req.prompt_ids):
+                req.prompt_logprobs[pos] = float(p.logprobs[t + j])
+                if k:
+                    req.prompt_top_logprobs[pos] = [(int(i), float(v)) for i, v in
+                                                    zip(p.top_ids[t + j, :k], p.top_logprobs[t + j, :k],
+                                                        strict=True)]
+
+    def _check_stop(self, req: Request, h: _Handle, tok: int) -> tuple[FinishReason | None, Any]:
+        p = req.params
+        if h.detok is not None:
+            h.text += h.detok.add(tok)
+            if h.detok.stopped:
+                return FinishReason.STOP, h.detok.stop_reason
+        if req.grammar is not None:
+            req.grammar.consume(tok)
+            if req.grammar.is_terminated():
+                return FinishReason.STOP, None
+        if not p.ignore_eos and tok in self.stop_token_ids:
+            return FinishReason.STOP, tok
+        if p.stop_token_ids and tok in p.stop_token_ids:
+            return FinishReason.STOP, tok
+        if len(req.output_ids) >= p.max_new_tokens:
+            return FinishReason.LENGTH, None
+        if req.seq_len >= self.context_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _finish(self, req: Request, reason: FinishReason, detail: Any = None) -> None:
+        if req.finished:
+            return
+        req.finish_reason, req.finish_detail = reason, detail
+        req.finish_time = time.perf_counter()
+        if req.slot >= 0:
+            self.scheduler.release(req)
+        elif req in self.scheduler.waiting:
+            self.scheduler.waiting.remove(req)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(req.prompt_ids)
+        self.stats["cached_tokens"] += req.cached_tokens
+        h = self._handles.pop(req.rid, None)
+        if h is not None:
+            if h.detok is not None and reason != FinishReason.ABORT and not h.detok.stopped:
+                h.text += h.detok.flush()
+            h.events.put(self._output(h))
+
+    def _abort(self, rid: str) -> None:
+        req = self.scheduler.abort(rid)
+        if req is not None:
+            req.slot = -1  # already released by the scheduler
+            self._finish(req, FinishReason.ABORT)
+
+    def _fail_all(self, why: str) -> None:
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            h = self._handles.get(req.rid)
+            if h is not None:
+                h.error = why
+            self._finish(req, FinishReason.ABORT, why)
+
+    def _output(self, h: _Handle) -> dict:
+        req = h.req
+        fin = req.finish_reason
+        meta: dict[str, Any] = {
+            "id": req.rid,
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens,
+            "finish_reason": None if fin is None else {"type": str(fin), "matched": req.finish_detail},
+            "e2e_latency": (req.finish_time or time.perf_counter()) - req.arrival,
+        }
+        if req.first_token_time is not None:
+            meta["ttft"] = req.first_token_time - req.arrival
+        if h.error:
+            meta["error"] = h.error
+        if req.logprobs.return_logprob:
+            meta["output_token_logprobs"] = list(zip(req.output_logprobs, req.output_ids, strict=False))
+            if req.logprobs.top_logprobs_num:
+                meta["output_top_logprobs"] = list(req.output_top_logprobs)
+            if req.logprobs.logprob_start_len >= 0:
+                s = req.logprobs.logprob_start_len
+                meta["input_token_logprobs"] = list(zip(req.prompt_logprobs[s:], req.prompt_ids[s:], strict=False))
+                if req.logprobs.top_logprobs_num:
+                    meta["input_top_logprobs"] = list(req.prompt_top_logprobs[s:])
+        return {"text": h.text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+    # == commands run on the loop thread ==========================================================
+    def _flush(self) -> bool:
+        if not self.scheduler.idle:
+            return False
+        self.tree.reset()
+        self.pool.reset()
+        self.stats.update(prompt_tokens=0, cached_tokens=0)
+        return True
+
+    def _cache_stats(self) -> dict[str, Any]:
+        st = self.tree.stats()
+        prompt = self.stats["prompt_tokens"]
+        rate = self.stats["cached_tokens"] / prompt if prompt else 0.0
+        return {
+            "hit_rate": rate, "cached_tokens": self.stats["cached_tokens"], "prompt_tokens": prompt,
+            "shared_prefixes": st.shared_prefixes, "unique_tokens": st.total_tokens,
+            "summary": f"KV Cache Hit Rate: {100 * rate:.1f}% (Shared Prefixes: {st.shared_prefixes}, "
+                       f"Unique Tokens: {st.total_tokens})",
+        }
+
+    def _usage(self) -> float:
+        return 1 - (self.pool.num_free + self.tree.evictable_size // self.pool.page_size) / self.pool.capacity
+
+    def _log_prefill(self, res: Any) -> None:
+        logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                    "#running-req: %d, #queue-req: %d", res.new_seqs, res.new_tokens, res.cached_tokens,
+                    self._usage(), len(self.scheduler.running), len(self.scheduler.waiting))
+
+    def _log_decode(self) -> None:
+        now, gen = time.perf_counter(), self.stats["generated_tokens"]
+        t0, g0 = self._last_log
+        self._last_log = (now, gen)
+        logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
+                    "%.2f, #queue-req: %d", len(self.scheduler.running),
+                    sum(r.kv_len for r in self.scheduler.running), self._usage(),
+                    (gen - g0) / max(now - t0, 1e-9), len(self.scheduler.waiting))

@@ -1,0 +1,149 @@
+"""The only part of the engine that touches the device: one jitted step per bucket.
+
+The step runs the model over a ragged batch, writes new K/V into the pool (donated, updated in
+place), and samples one token per row on device. Every bucket is compiled ahead of time; a
+shape outside the compiled set raises instead of compiling while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxradix.cache.page_pool import PagePool
+from jaxradix.engine.batch import Bucket, Buckets, StepInput
+from jaxradix.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from jaxradix.engine.sampler import SampleOutput, SamplerState, init_slot, sample
+from jaxradix.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PromptLogprobs:
+    logprobs: jax.Array  # [T] f32, logprob of lp_targets[t] after tokens [..t]
+    top_ids: jax.Array  # [T, K] int32
+    top_logprobs: jax.Array  # [T, K] f32
+
+
+@dataclass
+class StepResult:
+    """Host copies of a step's outputs."""
+
+    tokens: np.ndarray  # [B] int32
+    logprobs: np.ndarray  # [B] f32
+    top_ids: np.ndarray  # [B, K]
+    top_logprobs: np.ndarray  # [B, K]
+    prompt: PromptLogprobs | None  # numpy leaves, only for prompt-logprob steps
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: PagePool, buckets: Buckets, max_pages: int,
+                 num_slots: int, context_len: int, attention_fn: Any):
+        self.cfg = model.cfg
+        self.graphdef, self.params = nnx.split(model)
+        self.pool = pool
+        self.buckets = buckets
+        self.max_pages = max_pages
+        self.context_len = context_len
+        self.vocab = self.cfg.vocab_size
+        self.mask_words = (self.vocab + 31) // 32
+        self.attention_fn = attention_fn
+        self.state = SamplerState.zeros(num_slots, self.vocab)
+        self._compiled: dict[tuple[Bucket, bool], Any] = {}
+        self._init_slot = None
+        self.num_compiles = 0
+
+    # -- the traced functions -------------------------------------------------------------------
+    def _step(self, params: nnx.State, kv: jax.Array, state: SamplerState, inp: StepInput,
+              prompt_logprobs: bool) -> tuple[jax.Array, SamplerState, SampleOutput, PromptLogprobs | None]:
+        model = nnx.merge(self.graphdef, params)
+        hidden, kv = model(inp.input_ids, inp.positions, inp.slot_mapping, kv, inp.attn, self.attention_fn)
+        logits = model.logits(hidden[inp.logits_indices])  # [B, V]
+        out, state = sample(logits, inp.sampling, state)
+        extra = None
+        if prompt_logprobs:
+            lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # [T, V]
+            target = jnp.maximum(inp.lp_targets, 0)
+            top_lp, top_ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+            extra = PromptLogprobs(jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0], top_ids, top_lp)
+        return kv, state, out, extra
+
+    # -- compilation ----------------------------------------------------------------------------
+    def _example(self, bucket: Bucket) -> StepInput:
+        from jaxradix.engine.batch import build_step
+
+        return build_step([], bucket, self.pool.page_size, self.max_pages, self.mask_words)
+
+    def _compile(self, bucket: Bucket, prompt_logprobs: bool) -> Any:
+        step = jax.jit(self._step, donate_argnums=(1, 2), static_argnums=(4,))
+        example = jax.tree.map(jnp.asarray, self._example(bucket))
+        compiled = step.lower(self.params, self.pool.kv, self.state, example, prompt_logprobs).compile()
+        self.num_compiles += 1
+        return compiled
+
+    def _get(self, bucket: Bucket, prompt_logprobs: bool, serving: bool = True) -> Any:
+        key = (bucket, prompt_logprobs)
+        if key not in self._compiled:
+            if serving:
+                logger.info("compiling bucket %s (prompt logprobs: %s) while serving", bucket, prompt_logprobs)
+            self._compiled[key] = self._compile(bucket, prompt_logprobs)
+        return self._compiled[key]
+
+    def precompile(self, progress: bool = True) -> float:
+        start = time.perf_counter()
+        buckets = self.buckets.all()
+        for b in tqdm(buckets, desc="compiling buckets", disable=not progress):
+            self._get(b, False, serving=False)
+        self._slot_fn()
+        return time.perf_counter() - start
+
+    def _slot_fn(self) -> Any:
+        if self._init_slot is None:
+            C = self.context_len
+            args = (self.state, jnp.int32(0), jnp.zeros(C, jnp.int32), jnp.zeros(C, jnp.int32),
+                    jnp.zeros(MAX_LOGIT_BIAS, jnp.int32), jnp.zeros(MAX_LOGIT_BIAS, jnp.float32))
+            self._init_slot = jax.jit(init_slot, donate_argnums=(0,)).lower(*args).compile()
+            self.num_compiles += 1
+        return self._init_slot
+
+    # -- serving --------------------------------------------------------------------------------
+    def init_slot(self, slot: int, prompt_ids: list[int], output_ids: list[int],
+                  logit_bias: dict[int, float] | None) -> None:
+        C = self.context_len
+        p = np.full(C, -1, np.int32)
+        p[:len(prompt_ids)] = prompt_ids
+        o = np.full(C, -1, np.int32)
+        o[:len(output_ids)] = output_ids
+        bi = np.full(MAX_LOGIT_BIAS, -1, np.int32)
+        bv = np.zeros(MAX_LOGIT_BIAS, np.float32)
+        if logit_bias:
+            bi[:len(logit_bias)] = list(logit_bias.keys())
+            bv[:len(logit_bias)] = list(logit_bias.values())
+        self.state = self._slot_fn()(self.state, np.int32(slot), p, o, bi, bv)
+
+    def step(self, inp: StepInput, bucket: Bucket, prompt_logprobs: bool = False) -> StepResult:
+        fn = self._get(bucket, prompt_logprobs)
+        kv, self.state, out, extra = fn(self.params, self.pool.kv, self.state, inp)
+        self.pool.kv = kv
+        out = jax.device_get(out)
+        return StepResult(out.tokens, out.logprobs, out.top_ids, out.top_logprobs,
+                          jax.device_get(extra) if extra is not None else None)
+
+    def reset_state(self) -> None:
+        self.state = SamplerState.zeros(*self.state.counts.shape)

@@ -1,0 +1,145 @@
+"""On-device sampling inside the jitted step.
+
+Per row: logit bias, repetition/frequency/presence penalties (from the per-slot device state),
+the grammar bitmask, then greedy or temperature sampling with top-k, top-p and min-p. The random
+draw of row b is a pure function of (seed_b, step_b), so a seeded request samples the same tokens
+whatever batch it runs in. Logprobs are those of the raw model distribution (before penalties
+and temperature), as vLLM and SGLang report by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxradix.engine.request import MAX_TOP_LOGPROBS
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingMetadata:
+    temperature: jax.Array  # [B] f32, 0 = greedy
+    top_p: jax.Array  # [B] f32
+    top_k: jax.Array  # [B] int32, <= 0 = off
+    min_p: jax.Array  # [B] f32
+    frequency_penalty: jax.Array  # [B] f32
+    presence_penalty: jax.Array  # [B] f32
+    repetition_penalty: jax.Array  # [B] f32
+    seed: jax.Array  # [B] uint32
+    step: jax.Array  # [B] int32, index of the token being sampled (output length so far)
+    slot: jax.Array  # [B] int32, request slot: row of the per-slot state
+    use_state: jax.Array  # [B] bool, read penalties/bias from the state and count the sampled token
+    grammar_mask: jax.Array  # [B, ceil(V/32)] uint32 packed allowed-token bits (all ones = free)
+    needs_filter: jax.Array  # [] bool, any row uses top-k/top-p/min-p
+    needs_top_logprobs: jax.Array  # [] bool, any row asks for top logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplerState:
+    """Per request slot, on device, donated with the KV pool."""
+
+    counts: jax.Array  # [R, V] int32, occurrences of each token in the output so far
+    seen: jax.Array  # [R, V] bool, token occurs in prompt or output (repetition penalty)
+    bias: jax.Array  # [R, V] f32, logit bias
+
+    @staticmethod
+    def zeros(num_slots: int, vocab: int) -> SamplerState:
+        return SamplerState(jnp.zeros((num_slots, vocab), jnp.int32), jnp.zeros((num_slots, vocab), bool),
+                            jnp.zeros((num_slots, vocab), jnp.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SampleOutput:
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] f32, raw logprob of the sampled token
+    top_ids: jax.Array  # [B, K] int32
+    top_logprobs: jax.Array  # [B, K] f32
+
+
+def init_slot(
+    state: SamplerState,
+    slot: jax.Array,  # [] int32
+    prompt_ids: jax.Array,  # [C] int32, padded with -1
+    output_ids: jax.Array,  # [C] int32, padded with -1
+    bias_ids: jax.Array,  # [NB] int32, padded with -1
+    bias_values: jax.Array,  # [NB] f32
+) -> SamplerState:
+    """(Re)build one slot's state when a request that uses penalties or logit_bias is admitted."""
+    V = state.counts.shape[1]
+
+    def scatter(ids: jax.Array, values: jax.Array, base: jax.Array, add: bool) -> jax.Array:
+        ok = ids >= 0
+        idx = jnp.where(ok, ids, V)  # out of range: dropped
+        vals = jnp.where(ok, values, 0).astype(base.dtype)
+        return base.at[idx].add(vals, mode="drop") if add else base.at[idx].set(vals, mode="drop")
+
+    counts = scatter(output_ids, jnp.ones_like(output_ids), jnp.zeros(V, jnp.int32), add=True)
+    seen = scatter(prompt_ids, jnp.ones_like(prompt_ids), jnp.zeros(V, jnp.int32), add=False) > 0
+    bias = scatter(bias_ids, bias_values, jnp.zeros(V, jnp.float32), add=False)
+    return SamplerState(state.counts.at[slot].set(counts), state.seen.at[slot].set(seen | (counts > 0)),
+                        state.bias.at[slot].set(bias))
+
+
+def unpack_mask(packed: jax.Array, vocab: int) -> jax.Array:  # [B, W] uint32 -> [B, V] bool
+    bits = (packed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def sample(
+    logits: jax.Array,  # [B, V] f32
+    md: SamplingMetadata,
+    state: SamplerState,
+) -> tuple[SampleOutput, SamplerState]:
+    B, V = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+
+    use = md.use_state[:, None]
+    counts = state.counts[md.slot]  # [B, V]
+    seen = state.seen[md.slot]  # [B, V]
+    x = logits + jnp.where(use, state.bias[md.slot], 0.0)
+    rep = md.repetition_penalty[:, None]
+    x = jnp.where(use & seen, jnp.where(x > 0, x / rep, x * rep), x)
+    x = x - jnp.where(use, md.frequency_penalty[:, None] * counts
+                      + md.presence_penalty[:, None] * (counts > 0), 0.0)
+    x = jnp.where(unpack_mask(md.grammar_mask, V), x, -jnp.inf)
+
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B]
+    temp = jnp.where(md.temperature > 0, md.temperature, 1.0)[:, None]
+    scaled = x / temp
+
+    def filtered(scaled: jax.Array) -> jax.Array:
+        sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+        k = jnp.where(md.top_k > 0, jnp.minimum(md.top_k, V), V)
+        kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = before < md.top_p[:, None]
+        p_cut = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        min_p_cut = sorted_desc[:, :1] + jnp.log(md.min_p[:, None])  # prob >= min_p * max prob
+        cut = jnp.maximum(jnp.maximum(kth, p_cut), min_p_cut)
+        return jnp.where(scaled >= cut, scaled, -jnp.inf)
+
+    scaled = jax.lax.cond(md.needs_filter, filtered, lambda s: s, scaled)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(md.seed, md.step)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # [B, V]
+    sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(md.temperature > 0, sampled, greedy)  # [B]
+
+    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    K = MAX_TOP_LOGPROBS
+    top_lp, top_ids = jax.lax.cond(
+        md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
+        lambda lp: (jnp.zeros((B, K), lp.dtype), jnp.zeros((B, K), jnp.int32)), raw_logprobs)
+
+    add = md.use_state.astype(jnp.int32)
+    new_state = SamplerState(
+        counts=state.counts.at[md.slot, tokens].add(add),
+        seen=state.seen.at[md.slot, tokens].max(md.use_state),
+        bias=state.bias,
+    )
+    return SampleOutput(tokens, logprobs, top_ids.astype(jnp.int32), top_lp), new_state

@@ -1,0 +1,310 @@
+"""The scheduler: which requests run in the next step, and where their K/V lives.
+
+Host only (numpy, no JAX). Every step is one ragged batch: one decode row per running request
+that has its history computed, the next chunk of every request still prefilling, then newly
+admitted requests in policy order while the token budget and the KV budget allow.
+
+Memory ownership: a running request owns ``pages[prefix_len // S:]``; its first prefix_len
+tokens live in tree pages it keeps locked through ``last_node``. Finishing (or retracting)
+inserts the computed tokens into the tree, frees the request's duplicate and partial pages and
+unlocks. With the radix cache disabled nothing is shared and everything is freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxradix.cache.page_pool import PagePool
+from jaxradix.cache.radix_cache import RadixCache
+from jaxradix.engine.batch import Row
+from jaxradix.engine.request import Request
+
+logger = logging.getLogger(__name__)
+
+IN_BATCH_SHARE_THRESHOLD = 32  # tokens of uncached shared prefix that make a request wait for a seeder
+
+
+@dataclass
+class ScheduleResult:
+    rows: list[Row]
+    new_seqs: int = 0
+    new_tokens: int = 0  # extend tokens computed this step
+    cached_tokens: int = 0  # prefix tokens of newly admitted requests served from the tree
+    retracted: list[Request] = field(default_factory=list)
+    exhausted: list[Request] = field(default_factory=list)  # cannot fit even alone: finish with length
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, tree: RadixCache, *, num_slots: int, context_len: int,
+                 chunk_size: int, policy: str, new_token_ratio: float, min_new_token_ratio: float):
+        self.pool = pool
+        self.tree = tree
+        self.S = pool.page_size
+        self.context_len = context_len
+        self.chunk_size = chunk_size
+        self.policy = policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.num_slots = num_slots
+        self.init_ratio = new_token_ratio
+        self.min_ratio = min_new_token_ratio
+        self.ratio = new_token_ratio
+        self._admit_counter = 0
+
+    # -- queue ----------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def abort(self, rid: str) -> Request | None:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self.release(req)
+                return req
+        return None
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _alloc(self, n: int) -> np.ndarray | None:
+        if n <= 0:
+            return np.zeros(0, np.int32)
+        pages = self.pool.alloc(n)
+        if pages is None:
+            self.tree.evict((n - self.pool.num_free) * self.S)
+            pages = self.pool.alloc(n)
+        return pages
+
+    def _grow(self, req: Request, upto: int) -> bool:
+        """Give req pages for positions [0, upto)."""
+        got = self._alloc(_cdiv(upto, self.S) - len(req.pages))
+        if got is None:
+            return False
+        if len(got):
+            req.pages = np.concatenate([req.pages, got])
+        return True
+
+    def _slots(self, req: Request, n: int) -> np.ndarray:  # [n] token slots of the first n tokens
+        pos = np.arange(n, dtype=np.int32)
+        return req.pages[pos // self.S] * self.S + pos % self.S
+
+    def _cache(self, req: Request, finished: bool) -> None:
+        """Insert the computed tokens into the tree; keep (finished=False) or drop the request's pages."""
+        S = self.S
+        aligned = req.kv_len // S * S
+        if self.tree.disable or aligned <= req.prefix_len:
+            if finished:
+                self.pool.free(req.pages[req.prefix_len // S:])
+                if req.last_node is not None:
+                    self.tree.unlock(req.last_node)
+            return
+        tokens = req.all_ids[:aligned]
+        present = self.tree.insert(tokens, self._slots(req, aligned), req.extra_key)
+        self.pool.free(req.pages[req.prefix_len // S:present // S])  # duplicates of tree pages
+        if finished:
+            self.pool.free(req.pages[aligned // S:])
+            self.tree.unlock(req.last_node)
+            return
+        match = self.tree.match_prefix(tokens, req.extra_key)
+        assert len(match.slots) == aligned
+        req.pages[:aligned // S] = match.slots[::S] // S
+        self.tree.lock(match.node)
+        self.tree.unlock(req.last_node)
+        req.last_node, req.prefix_len = match.node, aligned
+
+    def release(self, req: Request) -> None:
+        """A running request leaves (finished, aborted or retracted): cache it and free the rest."""
+        self._cache(req, finished=True)
+        self.running.remove(req)
+        self.free_slots.append(req.slot)
+        req.slot, req.pages, req.kv_len, req.prefix_len, req.last_node = -1, np.zeros(0, np.int32), 0, 0, None
+
+    def _retract(self, keep: Request) -> Request | None:
+        victims = [r for r in self.running if r is not keep]
+        if not victims:
+            return None
+        victim = max(victims, key=lambda r: (r.admit_seq, r.rid))
+        self.release(victim)
+        victim.num_retractions += 1
+        self.waiting.appendleft(victim)
+        self.ratio = min(1.0, self.ratio + 0.1)
+        return victim
+
+    def _reserved_pages(self) -> int:
+        total = 0
+        for r in self.running:
+            left = min(r.params.max_new_tokens - len(r.output_ids), self.context_len - r.seq_len)
+            total += _cdiv(int(max(left, 0) * self.ratio), self.S)
+        return total
+
+    # -- scheduling -----------------------------------------------------------------------------
+    def schedule(self) -> ScheduleResult:
+        res = ScheduleResult(rows=[])
+        budget = self.chunk_size if self.chunk_size > 0 else self.context_len
+        # 1. decode rows; retract when the pool cannot hold one more token
+        for req in list(self.running):
+            if req.slot < 0 or req.seq_len - req.kv_len != 1 or not req.output_ids:
+                continue
+            while not self._grow(req, req.kv_len + 1):
+                victim = self._retract(keep=req)
+                if victim is None:
+                    res.exhausted.append(req)
+                    break
+                res.retracted.append(victim)
+                res.rows = [r for r in res.rows if r.req is not victim]
+            else:
+                res.rows.append(Row(req, req.kv_len, 1, samples=True, prompt_logprobs=self._wants_lp(req)))
+        if res.rows:
+            self.ratio = max(self.min_ratio, self.ratio - (self.init_ratio - self.min_ratio) / 500)
+        # 2. the next chunk of requests still prefilling
+        for req in self.running:
+            if budget <= 0:
+                break
+            left = req.seq_len - req.kv_len
+            if req.slot < 0 or (left == 1 and req.output_ids) or any(r.req is req for r in res.rows):
+                continue
+            n = min(left, budget)
+            if not self._grow(req, req.kv_len + n):
+                continue
+            res.rows.append(Row(req, req.kv_len, n, samples=n == left, prompt_logprobs=self._wants_lp(req)))
+            res.new_tokens += n
+            budget -= n
+        # 3. admit waiting requests
+        batch_tree = RadixCache(page_size=1) if self.policy == "lpm" and not self.tree.disable else None
+        for req in self._order():
+            if budget <= 0 or not self.free_slots:
+                break
+            got = self._admit(req, budget, batch_tree)
+            if got is None:
+                continue
+            if got == 0:
+                break
+            res.rows.append(got)
+            res.new_seqs += 1
+            res.new_tokens += got.n
+            res.cached_tokens += got.start
+            budget -= got.n
+        return res
+
+    def after_step(self, rows: list[Row]) -> None:
+        """The step computed the rows' tokens: advance kv_len and share finished prefill chunks."""
+        for row in rows:
+            req = row.req
+            if req.slot < 0:
+                continue
+            req.kv_len = row.start + row.n
+            if row.n > 1:
+                self._cache(req, finished=False)
+
+    def _wants_lp(self, req: Request) -> bool:
+        return req.logprobs.logprob_start_len >= 0 and req.kv_len < len(req.prompt_ids)
+
+    def _max_match(self, req: Request) -> int:
+        n = req.seq_len - 1  # at least one token is computed, to sample from
+        if req.logprobs.logprob_start_len >= 0:
+            n = min(n, max(req.logprobs.logprob_start_len - 1, 0))
+        return n
+
+    def _admit(self, req: Request, budget: int, batch_tree: RadixCache | None) -> Row | None | int:
+        """A row for req, None to skip it this step, 0 to stop admitting."""
+        tokens = req.all_ids
+        match = self.tree.match_prefix(tokens[:self._max_match(req)], req.extra_key)
+        prefix = len(match.slots)
+        if batch_tree is not None:
+            shared = len(batch_tree.match_prefix(tokens).slots)
+            if shared - prefix >= IN_BATCH_SHARE_THRESHOLD:
+                return None  # another request of this batch computes that prefix; reuse it next step
+        n = min(req.seq_len - prefix, budget)
+        self.tree.lock(match.node)
+        left = min(req.params.max_new_tokens - len(req.output_ids), self.context_len - req.seq_len)
+        need = _cdiv(prefix + n, self.S) - prefix // self.S + _cdiv(int(left * self.ratio), self.S)
+        available = self.pool.num_free + self.tree.evictable_size // self.S
+        if need + self._reserved_pages() > available and self.running:
+            self.tree.unlock(match.node)
+            return 0
+        req.pages = (match.slots[::self.S] // self.S).astype(np.int32)
+        req.prefix_len = req.kv_len = prefix
+        req.last_node = match.node
+        if not self._grow(req, prefix + n):
+            self.tree.unlock(match.node)
+            req.pages, req.prefix_len, req.kv_len, req.last_node = np.zeros(0, np.int32), 0, 0, None
+            return 0
+        self.waiting.remove(req)
+        req.slot = self.free_slots.pop()
+        self._admit_counter += 1
+        req.admit_seq = self._admit_counter
+        if not req.admitted_once:
+            req.cached_tokens = prefix
+            req.admitted_once = True
+        self.running.append(req)
+        if batch_tree is not None:
+            batch_tree.insert(tokens, np.arange(len(tokens), dtype=np.int32))
+        return Row(req, prefix, n, samples=prefix + n == req.seq_len, prompt_logprobs=self._wants_lp(req),
+                   new=True)
+
+    def _order(self) -> list[Request]:
+        waiting = list(self.waiting)
+        if self.policy == "fcfs" or self.tree.disable or len(waiting) <= 1:
+            return waiting
+        if self.policy == "lpm":
+            lens = {id(r): len(self.tree.match_prefix(r.all_ids[:self._max_match(r)], r.extra_key,
+                                                      touch=False).slots) for r in waiting}
+            return sorted(waiting, key=lambda r: -lens[id(r)])
+        return self._dfs_weight_order(waiting)
+
+    def _dfs_weight_order(self, waiting: list[Request]) -> list[Request]:
+        """SGLang's dfs-weight: walk the tree, heaviest subtree (most waiting requests) first."""
+        at_node: dict[int, list[Request]] = {}
+        weight: dict[int, int] = {}
+        nodes = {}
+        for r in waiting:
+            node = self.tree.match_prefix(r.all_ids[:self._max_match(r)], r.extra_key, touch=False).node
+            at_node.setdefault(id(node), []).append(r)
+            while node is not None:
+                weight[id(node)] = weight.get(id(node), 0) + 1
+                nodes[id(node)] = node
+                node = node.parent
+        order: list[Request] = []
+        stack = [self.tree.root(None)]
+        while stack:
+            node = stack.pop()
+            order.extend(at_node.get(id(node), []))
+            kids = [c for c in node.children.values() if id(c) in weight]
+            stack.extend(sorted(kids, key=lambda c: weight[id(c)]))  # heaviest popped first
+        return order
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        S = self.S
+        free = self.pool.free_pages_set()
+        tree_pages = set((np.asarray(self.tree.all_slots(), np.int64) // S).tolist())
+        owned: set[int] = set()
+        for r in self.running:
+            own = set(r.pages[r.prefix_len // S:].tolist())
+            assert not own & owned, f"request {r.rid} shares pages with another request"
+            owned |= own
+        assert not free & tree_pages, "pages both free and in the tree"
+        assert not free & owned, "pages both free and owned by a request"
+        assert not tree_pages & owned, "pages both in the tree and owned by a request"
+        every = free | tree_pages | owned
+        assert every == set(range(1, self.pool.num_pages)), (
+            f"page leak: {self.pool.capacity - len(every)} pages unaccounted")
+        assert self.pool.num_free + (self.tree.evictable_size + self.tree.protected_size) // S + len(owned) \
+            == self.pool.capacity
+        if not self.running:
+            assert self.tree.protected_size == 0, f"{self.tree.protected_size} tokens locked while idle"
+            assert len(self.free_slots) == self.num_slots, "request slots leaked"

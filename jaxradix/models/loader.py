@@ -1,0 +1,268 @@
+"""Weight loading: HF safetensors directories, GGUF files, orbax checkpoints, dummy weights.
+
+Every source is reduced to Hugging Face tensor names first (GGUF via gguf_file.py), then mapped
+onto the model's stacked parameters one tensor at a time, so host memory holds one copy of the
+model in the target dtype and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxradix.models.llama import LlamaForCausalLM, param_shapes
+from jaxradix.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ORBAX_MARKER = "jaxradix_orbax.json"
+
+# HF name (with the layer number removed) -> (parameter, transpose)
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.o_proj.bias": ("bo", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    model: LlamaForCausalLM
+    tokenizer: Any  # jaxradix.tokenizer.Tokenizer, or None for a dummy model without tokenizer files
+    source: str
+    load_format: str
+    load_seconds: float
+
+
+def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32") -> Any:
+    if dtype == "auto":
+        dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or default
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return "gguf"
+    if (path / ORBAX_MARKER).exists():
+        return "orbax"
+    if (path / "config.json").exists():
+        return "safetensors"
+    raise ValueError(f"cannot tell the format of {path}: expected a .gguf file, an HF directory with "
+                     f"config.json and *.safetensors, or an orbax checkpoint made by scripts/convert.py")
+
+
+def load_model(model_path: str | Path | None = None, *, load_format: str = "auto", dtype: str = "auto",
+               seed: int = 0, progress: bool = True) -> LoadedModel:
+    """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct."""
+    from jaxradix.models.embedded import embedded_model_path
+
+    start = time.perf_counter()
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not supported; supported: {', '.join(LOAD_FORMATS)}")
+    path = Path(model_path) if model_path is not None else embedded_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (expected an HF directory, "
+                                f"a .gguf file or an orbax checkpoint directory; HF hub ids need the "
+                                f"weights downloaded first)")
+    fmt = load_format
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "gguf":
+        loaded = _load_gguf(path, dtype, progress)
+    elif fmt == "orbax":
+        loaded = _load_orbax(path)
+    elif fmt == "safetensors":
+        loaded = _load_safetensors(path, dtype, progress)
+    else:
+        loaded = _load_dummy(path, dtype, seed)
+    loaded.load_seconds = time.perf_counter() - start
+    logger.info("loaded %s (%s) in %.2f s", path, fmt, loaded.load_seconds)
+    return loaded
+
+
+def _hf_config_of(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return json.loads(cfg_path.read_text())
+
+
+def _try_tokenizer(path: Path) -> Any:
+    from jaxradix.tokenizer import load_tokenizer
+
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if path.is_dir() and any((path / f).exists() for f in files):
+        return load_tokenizer(path)
+    return None
+
+
+class _ParamBuilder:
+    """Host buffers of the target dtype, filled one HF tensor at a time."""
+
+    def __init__(self, cfg: ModelConfig, dtype: Any):
+        self.cfg = cfg
+        self.np_dtype = np.dtype(dtype)
+        self.buffers = {n: np.zeros(s, self.np_dtype) for n, s in param_shapes(cfg).items()}
+        self.filled: dict[str, int] = {n: 0 for n in self.buffers}
+
+    def add(self, hf_name: str, tensor: np.ndarray) -> None:
+        if "rotary_emb" in hf_name:
+            return
+        if hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return
+        m = _LAYER_RE.match(hf_name)
+        if m:
+            layer, rest = int(m.group(1)), m.group(2)
+            if rest not in _LAYER_NAMES or layer >= self.cfg.num_layers:
+                raise ValueError(f"unexpected tensor {hf_name!r} for this {self.cfg.model_type} config")
+            name, transpose = _LAYER_NAMES[rest]
+        elif hf_name in _GLOBAL_NAMES:
+            name, transpose = _GLOBAL_NAMES[hf_name]
+            layer = None
+        else:
+            raise ValueError(f"unexpected tensor {hf_name!r} for this {self.cfg.model_type} config")
+        if name not in self.buffers:
+            raise ValueError(f"tensor {hf_name!r} has no place in a {self.cfg.model_type} model with this "
+                             f"config (e.g. a bias the config does not declare)")
+        value = tensor.T if transpose else tensor
+        target = self.buffers[name] if layer is None else self.buffers[name][layer]
+        if value.shape != target.shape:
+            raise ValueError(f"tensor {hf_name!r} has shape {tensor.shape}, the config implies "
+                             f"{target.shape[::-1] if transpose else target.shape}")
+        target[...] = value.astype(self.np_dtype)
+        self.filled[name] += 1
+
+    def build(self) -> dict[str, jax.Array]:
+        for name, count in self.filled.items():
+            expected = 1 if name in ("embed", "final_norm", "lm_head") else self.cfg.num_layers
+            if count != expected:
+                raise ValueError(f"weights incomplete: parameter {name!r} got {count} of {expected} tensors")
+        params = {n: jnp.asarray(b) for n, b in self.buffers.items()}
+        self.buffers.clear()
+        return params
+
+
+def _fill(cfg: ModelConfig, dtype: Any, tensors: Iterator[tuple[str, np.ndarray]], total: int,
+          progress: bool, what: str) -> LlamaForCausalLM:
+    builder = _ParamBuilder(cfg, dtype)
+    for name, t in tqdm(tensors, total=total, desc=f"loading {what}", disable=not progress, unit="tensor"):
+        builder.add(name, t)
+    return LlamaForCausalLM(cfg, builder.build())
+
+
+def _load_safetensors(path: Path, dtype: str, progress: bool) -> LoadedModel:
+    from safetensors import safe_open
+
+    hf = _hf_config_of(path)
+    cfg = ModelConfig.from_hf(hf)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for f in files:
+            with safe_open(str(f), framework="numpy") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="numpy") as st:
+            total += len(list(st.keys()))
+    model = _fill(cfg, resolve_dtype(dtype, hf), tensors(), total, progress, path.name)
+    return LoadedModel(cfg, hf, model, _try_tokenizer(path), str(path), "safetensors", 0.0)
+
+
+def _load_gguf(path: Path, dtype: str, progress: bool) -> LoadedModel:
+    from jaxradix.models.gguf_file import read_gguf
+
+    g = read_gguf(path)
+    cfg = ModelConfig.from_hf(g.config)
+    model = _fill(cfg, resolve_dtype(dtype, {}, "float32"), g.iter_tensors(), g.num_tensors, progress,
+                  path.name)
+    return LoadedModel(cfg, g.config, model, g.tokenizer, str(path), "gguf", 0.0)
+
+
+def _load_dummy(path: Path, dtype: str, seed: int) -> LoadedModel:
+    hf = _hf_config_of(path)
+    cfg = ModelConfig.from_hf(hf)
+    jdtype = resolve_dtype(dtype, hf)
+    keys = jax.random.split(jax.random.key(seed), len(param_shapes(cfg)))
+    params = {}
+    for key, (name, shape) in zip(keys, sorted(param_shapes(cfg).items()), strict=True):
+        if "norm" in name:
+            params[name] = jnp.ones(shape, jdtype)
+        else:
+            params[name] = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(jdtype)
+    return LoadedModel(cfg, hf, LlamaForCausalLM(cfg, params), _try_tokenizer(path) if path.is_dir() else None,
+                       str(path), "dummy", 0.0)
+
+
+def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
+    """Save converted params (and config, tokenizer) so later loads skip conversion."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    state = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out / "params", state, force=True)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.hf.save_pretrained(out / "tokenizer")
+    meta = {"config": loaded.hf_config, "source": loaded.source, "load_format": loaded.load_format,
+            "dtype": str(loaded.model.dtype)}
+    (out / ORBAX_MARKER).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _load_orbax(path: Path, sharding: jax.sharding.Sharding | None = None) -> LoadedModel:
+    import orbax.checkpoint as ocp
+
+    from jaxradix.tokenizer import load_tokenizer
+
+    meta = json.loads((path / ORBAX_MARKER).read_text())
+    cfg = ModelConfig.from_hf(meta["config"])
+    dtype = jnp.dtype(meta["dtype"])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {n: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for n, s in param_shapes(cfg).items()}
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(path.absolute() / "params", target)
+    tok_dir = path / "tokenizer"
+    tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
+    return LoadedModel(cfg, meta["config"], LlamaForCausalLM(cfg, restored), tokenizer, str(path), "orbax", 0.0)

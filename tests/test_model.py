@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+from model_utils import paged_logits, random_model
+
+from jaxradix.models.model_config import ModelConfig
+from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
+
+TINY = dict(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+            max_position_embeddings=256, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(ModelConfig.from_hf(TINY))
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_whole_chunked_and_token_by_token_agree(model, page_size):
+    tokens = list(np.random.default_rng(0).integers(0, 128, 37))
+    whole = paged_logits(model, tokens, [37], page_size)
+    chunked = paged_logits(model, tokens, [16, 5, 16], page_size)
+    stepwise = paged_logits(model, tokens, [1] * 37, page_size)
+    np.testing.assert_allclose(chunked, whole, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(stepwise, whole, atol=2e-5, rtol=1e-5)
+
+
+def test_blocked_cpu_path_matches_reference(model):
+    tokens = list(np.random.default_rng(1).integers(0, 128, 45))
+    ref = paged_logits(model, tokens, [30, 15], 4)
+    blocked = paged_logits(model, tokens, [30, 15], 4,
+                           lambda *a, **k: ragged_paged_attention_blocked(*a, block_tokens=8, **k))
+    np.testing.assert_allclose(blocked, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_bad_configs_name_the_problem():
+    with pytest.raises(ValueError, match="unsupported architecture.*gpt2"):
+        ModelConfig.from_hf(TINY | {"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        ModelConfig.from_hf(TINY | {"num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        ModelConfig.from_hf(TINY | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
