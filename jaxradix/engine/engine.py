@@ -82,7 +82,8 @@ class Engine:
         self._wake = threading.Event()
         self._stopped = False
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "requests": 0,
-                      "steps": 0, "decode_steps": 0, "retractions": 0}
+                      "steps": 0, "decode_steps": 0, "retractions": 0,
+                      "prefill_tokens": 0, "max_running": 0, "decode_host_seconds": 0.0}
         self._last_log = (time.perf_counter(), 0)
         self.compile_seconds = self.runner.precompile() if cfg.precompile else 0.0
         logger.info("engine ready: %s, %d KV tokens, context %d, backend %s", self.loaded.source,
@@ -324,6 +325,7 @@ class Engine:
 
     def _step(self) -> None:
         sched = self.scheduler
+        t_host = time.perf_counter()
         res = sched.schedule()
         self.stats["retractions"] += len(res.retracted)
         for req in res.exhausted:
@@ -347,18 +349,20 @@ class Engine:
                     r.req.grammar.fill_mask(masks[i])
         inp = build_step(rows, bucket, self.pool.page_size, self.runner.max_pages, self.runner.mask_words, masks)
         want_lp = any(r.prompt_logprobs for r in rows)
-        t0 = time.perf_counter()
+        host_seconds = time.perf_counter() - t_host  # scheduling + batch building
         result = self.runner.step(inp, bucket, want_lp)
         sched.after_step(rows)
         self.stats["steps"] += 1
+        self.stats["prefill_tokens"] += res.new_tokens
+        self.stats["max_running"] = max(self.stats["max_running"], len(sched.running))
         self._process(rows, result, inp)
         if res.new_seqs or res.new_tokens:
             self._log_prefill(res)
         else:
             self.stats["decode_steps"] += 1
+            self.stats["decode_host_seconds"] += host_seconds
             if self.stats["decode_steps"] % self.config.decode_log_interval == 0:
                 self._log_decode()
-        self._last_step_seconds = time.perf_counter() - t0
 
     def _process(self, rows: list, result: StepResult, inp: Any) -> None:
         t = 0

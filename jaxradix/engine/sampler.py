@@ -125,9 +125,12 @@ def sample(
         return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
     scaled = jax.lax.cond(md.needs_filter, filtered, lambda s: s, scaled)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(md.seed, md.step)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # [B, V]
-    sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    def draw(scaled: jax.Array) -> jax.Array:  # gumbel-max: one categorical draw per row
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(md.seed, md.step)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # [B, V]
+        return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.any(md.temperature > 0), draw, lambda s: greedy, scaled)
     tokens = jnp.where(md.temperature > 0, sampled, greedy)  # [B]
 
     logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,392 @@
+"""Ragged paged attention for NVIDIA Hopper (Mosaic GPU, plgpu).
+
+Work split. Each sequence's query tokens are cut into q tiles of TQ = 64 // G tokens; per kv
+head a tile is one 64-row wgmma operand whose row ``r`` is query head ``h*G + r % G`` of token
+``tok0 + r // G`` (the G query heads of a kv head share the K/V they read). A decode row is a
+tile with G useful rows, an extend row is one or more tiles over its prefix pages and its own
+causal block. The CUDA grid is (tile, kv head, kv split): the kv range a tile can see (causal,
+inside the sliding window) is cut into NS splits of whole kv blocks, so a long decode context
+is spread over NS CTAs (FlashDecoding). Each CTA keeps an online softmax over its kv blocks
+and writes its normalised partial output and log-sum-exp; a small jnp pass merges the splits.
+
+Data movement. Tile descriptors (sequence, first token, kv range, kv block count) are built
+by the wrapper in jnp and read from GMEM as scalars. The wrapper also gathers each tile's
+query rows into a 64-row-aligned ``[KH, NT*64, D]`` array, TMA-loaded once per CTA. K and V
+pages are TMA-loaded straight from the pool (``pool[layer, page, :, h, :]`` is a strided
+``[S, D]`` box; the pool is never copied) into a two-slot ring of 128B-swizzled kv blocks of
+PB pages; block j+1 is in flight while block j is in the tensor cores (wgmma QK^T and PV with
+f32 accumulators in registers, P fed from registers), and only the blocks on the causal edge
+or the sliding-window edge pay for masking. The output leaves through SMEM in TMA stores of
+2^k rows, so a tile writes exactly its own rows of the ragged output.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata
+from jaxradix.pallas_kernels.metadata import AttentionMetadata
+
+ROWS = 64  # wgmma M: query rows per tile
+_LOG2E = math.log2(math.e)
+_NUM_SMS = 132  # H100 SXM; only steers the default kv split count
+_MAX_SMEM = 227 * 1024  # per block on sm_90
+# Tile descriptor columns (int32 [NT, _DESC]).
+_SEQ, _TOK0, _NTOK, _POS0, _KV_HI, _PAGE_LO, _NBLK, _DESC = range(8)
+
+
+def _kernel(
+    desc_ref,  # [NT, 8] int32 GMEM tile descriptors
+    page_table_ref,  # [B, MP] int32 GMEM
+    layer_ref,  # [1] int32 GMEM
+    q_ref,  # [KH, NT*64, D] GMEM, query tiles (64-row aligned for the tiled TMA)
+    kv_ref,  # [L, P, S, 2*KH, D] GMEM pool
+    o_ref,  # [NS, KH, T*G + 64, D] GMEM partial (final when NS == 1) outputs, rows (t, g)
+    lse_ref,  # [NT, NS, KH, 64] f32 GMEM log-sum-exp per tile row (unused when NS == 1)
+    q_smem,  # [64, D] SMEM, swizzled
+    k_smem,  # [2, NB, D] SMEM, swizzled kv-block ring
+    v_smem,  # [2, NB, D] SMEM
+    o_smem,  # [64, D] SMEM, plain rows for the ragged TMA store
+    lse_smem,  # [64] f32 SMEM
+    q_bar,  # barrier
+    k_bar,  # [2] barriers, PB arrivals each
+    v_bar,  # [2] barriers
+    p_smem=None,  # [64, NB] SMEM, swizzled; only when interpreted
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    group: int,
+    pages_per_block: int,
+    num_splits: int,
+    interpreted: bool,
+):
+    G, PB, NS = group, pages_per_block, num_splits
+    assert (p_smem is not None) == interpreted
+    _, NB, D = k_smem.shape
+    S = kv_ref.shape[2]
+    KH = kv_ref.shape[3] // 2
+    MP = page_table_ref.shape[1]
+    tile = lax.axis_index("tile")
+    h = lax.axis_index("head")
+    split = lax.axis_index("split")
+
+    seq = desc_ref[tile, _SEQ]
+    tok0 = desc_ref[tile, _TOK0]  # first token of the tile in the ragged axis
+    ntok = desc_ref[tile, _NTOK]  # tokens in the tile (0: inactive grid point)
+    pos0 = desc_ref[tile, _POS0]  # kv position of token tok0
+    kv_hi = desc_ref[tile, _KV_HI]  # the tile's rows see kv positions < kv_hi ...
+    page_lo = desc_ref[tile, _PAGE_LO]  # ... from page page_lo on (sliding window)
+    num_blocks = desc_ref[tile, _NBLK]
+    per_split = (num_blocks + NS - 1) // NS
+    j_lo = jnp.minimum(split * per_split, num_blocks)  # this split's kv blocks: [j_lo, j_hi)
+    j_hi = jnp.minimum(j_lo + per_split, num_blocks)
+    layer = layer_ref[0]
+    last_page = (kv_hi - 1) // S
+
+    def fetch(j, slot):
+        """TMA of kv block j into ring slot `slot`: PB K pages and PB V pages."""
+        for i in range(PB):
+            # Pages past the range re-read the last page (masked), so every block makes
+            # exactly PB arrivals per barrier.
+            p = jnp.minimum(page_lo + j * PB + i, last_page)
+            page = page_table_ref[seq, jnp.minimum(p, MP - 1)]
+            rows = pl.ds(i * S, S)
+            k_page = kv_ref.at[layer, page, :, h, :]  # [S, D], strided in the pool
+            v_page = kv_ref.at[layer, page, :, KH + h, :]  # [S, D]
+            plgpu.copy_gmem_to_smem(k_page, k_smem.at[slot, rows], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_page, v_smem.at[slot, rows], v_bar.at[slot])
+
+    def kv_step(j, carry, *, masked: bool):
+        acc, m_i, l_i = carry  # [64, D] f32, [64] f32 (log2 units), [64] f32
+        slot = lax.rem(j - j_lo, 2)
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((ROWS, NB), jnp.float32)) * sm_scale  # [64, NB]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = s * _LOG2E
+        if masked:
+            # Rows past the tile's ntok*G are never stored, so only positions are masked.
+            row = plgpu.broadcasted_iota(jnp.int32, (ROWS, NB), 0, layout=plgpu.Layout.WGMMA)
+            col = plgpu.broadcasted_iota(jnp.int32, (ROWS, NB), 1, layout=plgpu.Layout.WGMMA)
+            q_pos = pos0 + row // G  # [64, NB]
+            kv_pos = (page_lo + j * PB) * S + col  # [64, NB]
+            mask = kv_pos <= q_pos
+            if sliding_window is not None:
+                mask &= kv_pos > q_pos - sliding_window
+            s = jnp.where(mask, s, -jnp.inf)
+        m_next = jnp.maximum(m_i, s.max(axis=1))  # [64]
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows with nothing seen yet
+        alpha = jnp.exp2(m_i - m_safe)  # [64]
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))  # [64, NB]
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        p16 = p.astype(v_smem.dtype)
+        if p_smem is None:  # P stays in registers, PV accumulates into acc in place
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:
+            # The GPU interpreter takes wgmma operands from SMEM only and cannot run
+            # run_state: P goes through SMEM into a fresh accumulator that is then added.
+            p_smem[...] = p16
+            plgpu.commit_smem()
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                return acc_ref[...]
+
+            acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, D), jnp.float32))
+
+        # The slot's wgmmas have completed (acc was read back): refill it two blocks ahead.
+        @pl.when(j + 2 < j_hi)
+        def _():
+            fetch(j + 2, slot)
+
+        return acc, m_next, l_i
+
+    @pl.when(ntok > 0)
+    def _():
+        plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(tile * ROWS, ROWS)], q_smem, q_bar)
+        for d in range(2):  # prologue: fill both ring slots
+            pl.when(j_lo + d < j_hi)(functools.partial(fetch, j_lo + d, d))
+
+        plgpu.barrier_wait(q_bar)
+        acc = plgpu.layout_cast(jnp.zeros((ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
+        m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        # Blocks [j_lo, j_a) reach below some row's sliding window, blocks [j_b, j_hi) reach
+        # past the first row's position (causal edge, end of the kv range); only those mask.
+        x0 = page_lo * S  # kv position of block 0
+        j_a = j_lo
+        if sliding_window is not None:
+            j_a = jnp.clip((jnp.maximum(kv_hi - sliding_window - x0, 0) + NB - 1) // NB, j_lo, j_hi)
+        j_b = jnp.clip((pos0 - x0 + 1) // NB, j_a, j_hi)
+        carry = (acc, m_i, l_i)
+        carry = lax.fori_loop(j_lo, j_a, functools.partial(kv_step, masked=True), carry)
+        carry = lax.fori_loop(j_a, j_b, functools.partial(kv_step, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(j_b, j_hi, functools.partial(kv_step, masked=True), carry)
+
+        l_safe = jnp.where(l_i > 0.0, l_i, 1.0)
+        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
+        if NS > 1:
+            # log-sum-exp in natural-log units; -inf for rows this split saw nothing of.
+            lse_smem[...] = jnp.where(l_i > 0.0, (m_i + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+        plgpu.commit_smem()
+        # Store exactly ntok*G rows as a sum of power-of-two row boxes.
+        n_rows = ntok * G
+
+        def store_rows(start, size: int):
+            dst = o_ref.at[split, h, pl.ds(tok0 * G + start, size)]  # [size, D]
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)], dst)
+
+        start = 0
+        for k in reversed(range(ROWS.bit_length())):
+            size = 1 << k
+            pl.when((n_rows & size) != 0)(functools.partial(store_rows, start, size))
+            start = start + (n_rows & size)
+        if NS > 1:
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[tile, split, h])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tile_descriptors(
+    md: AttentionMetadata,
+    *,
+    tokens_per_tile: int,
+    num_tiles: int,
+    page_size: int,
+    pages_per_block: int,
+    sliding_window: int | None,
+) -> tuple[jax.Array, jax.Array]:  # [NT, 8] int32 descriptors, [B] first tile of each row
+    """Cuts every live sequence's query tokens into tiles and finds each tile's kv range."""
+    TQ, S, PB = tokens_per_tile, page_size, pages_per_block
+    cu, kv_lens = md.cu_q_lens, md.kv_lens
+    q_lens = cu[1:] - cu[:-1]  # [B], 0 for padding rows after clean_metadata
+    tiles_per_seq = (q_lens + TQ - 1) // TQ  # [B]
+    tile_base = jnp.cumsum(tiles_per_seq) - tiles_per_seq  # [B] exclusive prefix sum
+    t = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(tile_base + tiles_per_seq, t, side="right").astype(jnp.int32)  # [NT]
+    live = seq < kv_lens.shape[0]
+    seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
+    local = t - tile_base[seq]
+    tok0 = cu[seq] + local * TQ
+    ntok = jnp.where(live, jnp.clip(cu[seq + 1] - tok0, 0, TQ), 0)
+    pos0 = kv_lens[seq] - q_lens[seq] + local * TQ  # kv position of the tile's first token
+    kv_hi = pos0 + ntok
+    kv_lo = jnp.zeros_like(pos0)
+    if sliding_window is not None:
+        kv_lo = jnp.maximum(pos0 - sliding_window + 1, 0)
+    page_lo = kv_lo // S
+    num_blocks = jnp.where(ntok > 0, ((kv_hi + S - 1) // S - page_lo + PB - 1) // PB, 0)
+    zero = jnp.zeros_like(t)
+    desc = jnp.stack([seq, tok0, ntok, pos0, kv_hi, page_lo, num_blocks, zero], axis=1)
+    return desc.astype(jnp.int32), tile_base.astype(jnp.int32)
+
+
+def unsupported_reason(q: jax.Array, kv_pool: jax.Array) -> str | None:
+    """Why this kernel cannot take these operands (None when it can)."""
+    D, S = q.shape[-1], kv_pool.shape[2]
+    if kv_pool.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs a bf16 or f16 kv pool (wgmma operands), got {kv_pool.dtype}"
+    if D not in (64, 128):
+        return f"head dim {D} is not 64 or 128"
+    if q.shape[1] > ROWS * (kv_pool.shape[3] // 2):
+        return f"more than {ROWS} query heads per kv head"
+    if S % 8:
+        return f"page size {S} is not a multiple of 8 (TMA into 8-row swizzled tiles)"
+    return None
+
+
+def _smem_bytes(NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool) -> int:
+    q_tile, kv_ring, out = ROWS * D * itemsize, 2 * 2 * NB * D * itemsize, ROWS * D * part_itemsize
+    reduction_scratch = 2048  # plgpu.CompilerParams.reduction_scratch_bytes
+    return q_tile + kv_ring + out + ROWS * 4 + (ROWS * NB * itemsize if interpreted else 0) + reduction_scratch
+
+
+def default_num_splits(num_tiles: int, kv_heads: int, max_blocks: int) -> int:
+    """Enough kv splits for about two waves of CTAs on the GPU, never more than kv blocks."""
+    want = -(-2 * _NUM_SMS // max(1, num_tiles * kv_heads))
+    return int(max(1, min(want, 16, max_blocks)))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "sliding_window", "soft_cap", "kv_block_pages", "num_kv_splits", "interpret",
+    ),
+)  # fmt: skip
+def ragged_paged_attention(
+    q: jax.Array,  # [T, NH, D]
+    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
+    layer: jax.Array | int,  # scalar int32
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    kv_block_pages: int | None = None,
+    num_kv_splits: int | None = None,
+    interpret: Any = None,
+) -> jax.Array:  # [T, NH, D]
+    """Same contract as ``reference.ragged_paged_attention``; ``interpret`` goes to plgpu.kernel."""
+    shape = AttentionShape.of(q, kv_pool, md)
+    T, NH, KH, G, D, S, MP = shape.T, shape.NH, shape.KH, shape.G, shape.D, shape.S, shape.MP
+    if (why := unsupported_reason(q, kv_pool)) is not None:
+        raise NotImplementedError(why)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if soft_cap is not None and soft_cap == 0.0:
+        raise ValueError("soft_cap must be non-zero")
+    # kv blocks are wgmma N (QK^T) and K (PV) operands: a multiple of 64 tokens, <= 256.
+    PB = kv_block_pages or max(1, 128 // S)
+    if (PB * S) % 64 or PB * S > 256:
+        raise ValueError(f"kv block of {PB} pages x {S} tokens must be a multiple of 64 and <= 256")
+    TQ = ROWS // G
+    NT = min(T, -(-T // TQ) + shape.B)  # every tile holds >= 1 token
+    NS = num_kv_splits or default_num_splits(NT, KH, -(-MP // PB))
+    part_dtype = q.dtype if NS == 1 else jnp.float32
+    interpreted = interpret is not None and interpret is not False
+    smem = _smem_bytes(PB * S, D, kv_pool.dtype.itemsize, jnp.dtype(part_dtype).itemsize, interpreted)
+    if smem > _MAX_SMEM:
+        raise ValueError(f"kv block of {PB * S} tokens needs {smem} B of shared memory (> {_MAX_SMEM})")
+    md = clean_metadata(md)
+    desc, tile_base = _tile_descriptors(
+        md, tokens_per_tile=TQ, num_tiles=NT, page_size=S, pages_per_block=PB, sliding_window=sliding_window
+    )
+
+    # Query tiles: row r of tile i is head h*G + r % G of token tok0_i + r // G.
+    r = jnp.arange(ROWS, dtype=jnp.int32)
+    tok = jnp.minimum(desc[:, _TOK0, None] + r[None, :] // G, T - 1)  # [NT, 64]
+    head = jnp.arange(KH, dtype=jnp.int32)[:, None, None] * G + (r % G)[None, None, :]  # [KH, 1, 64]
+    q_tiles = q.astype(kv_pool.dtype)[tok[None, :, :], head].reshape(KH, NT * ROWS, D)  # [KH, NT*64, D]
+    swizzle = 128  # bytes: a 64-element bf16 row; wgmma operands in 8-row swizzled tiles
+    tiling = plgpu.TilingTransform((8, swizzle // kv_pool.dtype.itemsize))
+    transforms = (tiling, plgpu.SwizzleTransform(swizzle))
+    kernel = plgpu.kernel(
+        functools.partial(
+            _kernel,
+            sm_scale=float(sm_scale),
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+            group=G,
+            pages_per_block=PB,
+            num_splits=NS,
+            interpreted=interpreted,
+        ),
+        out_type=(
+            jax.ShapeDtypeStruct((NS, KH, T * G + ROWS, D), part_dtype),
+            jax.ShapeDtypeStruct((NT if NS > 1 else 1, NS, KH, ROWS), jnp.float32),
+        ),
+        scratch_types=(
+            plgpu.SMEM((ROWS, D), kv_pool.dtype, transforms=transforms),
+            plgpu.SMEM((2, PB * S, D), kv_pool.dtype, transforms=transforms),
+            plgpu.SMEM((2, PB * S, D), kv_pool.dtype, transforms=transforms),
+            plgpu.SMEM((ROWS, D), part_dtype),
+            plgpu.SMEM((ROWS,), jnp.float32),
+            plgpu.Barrier(num_arrivals=1),
+            plgpu.Barrier(num_arrivals=PB, num_barriers=2),
+            plgpu.Barrier(num_arrivals=PB, num_barriers=2),
+            *([plgpu.SMEM((ROWS, PB * S), kv_pool.dtype, transforms=transforms)] if interpreted else []),
+        ),
+        grid=(NT, KH, NS),
+        grid_names=("tile", "head", "split"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    o_part, lse = kernel(desc, md.page_table, layer_arr, q_tiles, kv_pool)
+    o_part = o_part[:, :, : T * G]  # [NS, KH, T*G, D]
+
+    if NS == 1:
+        o = o_part[0]  # [KH, T*G, D]
+    else:
+        o = _merge_splits(o_part, lse, md, tile_base, tokens_per_tile=TQ, group=G)  # [KH, T*G, D]
+    o = o.reshape(KH, T, G, D).transpose(1, 0, 2, 3).reshape(T, NH, D)
+    # Padding tokens' rows were never written: they are defined as 0.
+    valid = (jnp.arange(T) < md.cu_q_lens[md.num_seqs[0]])[:, None, None]  # [T, 1, 1]
+    return jnp.where(valid, o, 0).astype(q.dtype)
+
+
+def _merge_splits(
+    o_part: jax.Array,  # [NS, KH, T*G, D] f32, each split's normalised output
+    lse: jax.Array,  # [NT, NS, KH, 64] f32, per tile row; -inf where a split saw no key
+    md: AttentionMetadata,
+    tile_base: jax.Array,  # [B] first tile of each sequence
+    *,
+    tokens_per_tile: int,
+    group: int,
+) -> jax.Array:  # [KH, T*G, D] f32
+    """Log-sum-exp weighted sum of the kv splits' outputs."""
+    NS, KH, TG, _ = o_part.shape
+    NT, TQ, G = lse.shape[0], tokens_per_tile, group
+    T = TG // G
+    # Row (t, g) of the output is row (t - tok0) * G + g of the tile holding token t.
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(md.cu_q_lens[1:], t, side="right"), tile_base.shape[0] - 1)  # [T]
+    local = t - md.cu_q_lens[seq]  # [T]
+    tile = jnp.minimum(tile_base[seq] + local // TQ, NT - 1)  # [T]
+    row = (local % TQ)[:, None] * G + jnp.arange(G, dtype=jnp.int32)[None, :]  # [T, G]
+    lse_t = lse[tile[:, None], :, :, row]  # [T, G, NS, KH]
+    lse_t = lse_t.transpose(2, 3, 0, 1).reshape(NS, KH, TG)  # [NS, KH, T*G]
+    lse_max = jnp.max(lse_t, axis=0)  # [KH, T*G]
+    w = jnp.exp(lse_t - jnp.where(jnp.isfinite(lse_max), lse_max, 0.0))  # [NS, KH, T*G]
+    w = jnp.where(jnp.isfinite(lse_t), w, 0.0)
+    return jnp.einsum("skr,skrd->krd", w, o_part) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]

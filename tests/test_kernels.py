@@ -1,0 +1,230 @@
+"""Pallas attention kernels vs the jnp reference, in interpret mode on CPU.
+
+Every kernel output buffer starts as NaN (interpret mode's ``uninitialized_memory="nan"``), so
+an element the kernel never writes fails the comparison; pages no live sequence owns (page 0,
+free pages, the pages of padding rows) are NaN too, so a kernel that reads them fails as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxradix.pallas_kernels import get_attention, write_kv
+from jaxradix.pallas_kernels.gpu import ragged_paged_attention as gpu_kernel
+from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.reference import ragged_paged_attention as reference
+from jaxradix.pallas_kernels.tpu import ragged_paged_attention as tpu_kernel
+
+TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+GPU_INTERPRET = plgpu.InterpretGPUParams(uninitialized_memory="nan")
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+LAYERS = 2
+LAYER = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    q_lens: tuple[int, ...]  # live sequences' new tokens (1: decode, 0: empty row)
+    kv_lens: tuple[int, ...]  # their cached + new tokens
+    B: int  # metadata rows; rows past len(q_lens) are padding
+    S: int  # page size
+    MP: int  # pages per row in the page table
+    KH: int
+    G: int  # query heads per kv head
+    D: int
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+    shared_pages: int = 0  # leading pages shared by every sequence long enough (a radix prefix)
+    pad_tokens: int = 3  # ragged tokens past the live ones
+
+
+CASES = {
+    "decode": Case((1, 1, 1, 1, 1), (5, 17, 33, 64, 1), B=6, S=16, MP=4, KH=3, G=3, D=64),
+    "extend": Case((20, 9), (50, 9), B=2, S=32, MP=2, KH=4, G=1, D=128, pad_tokens=0),
+    "mixed": Case((1, 7, 0, 1, 30), (30, 60, 0, 2, 45), B=8, S=16, MP=4, KH=3, G=3, D=64, shared_pages=1),
+    "window_cap": Case(
+        (3, 1, 25), (40, 33, 64), B=4, S=16, MP=4, KH=1, G=4, D=128, sliding_window=8, soft_cap=20.0
+    ),
+    "page1": Case((2, 1, 6), (9, 12, 6), B=3, S=1, MP=16, KH=2, G=2, D=64, sliding_window=5, shared_pages=3),
+    "page64": Case((70, 1), (200, 150), B=3, S=64, MP=4, KH=1, G=1, D=64, sliding_window=40, soft_cap=10.0),
+}
+
+
+def make_batch(case: Case, dtype, seed: int = 0):
+    """(q, pool for the kernel with NaN in unowned pages, the same pool with zeros there, md)."""
+    rng = np.random.default_rng(seed)
+    n, S = len(case.q_lens), case.S
+    pages = [-(-k // S) for k in case.kv_lens]
+    num_pages = 1 + case.shared_pages + sum(pages) + 4  # page 0, a shared prefix, owned, free pages
+    fresh = iter(rng.permutation(np.arange(1 + case.shared_pages, num_pages)))
+    page_table = np.zeros((case.B, case.MP), np.int32)
+    owned = {0}
+    for b in range(n):
+        for p in range(pages[b]):
+            full = (p + 1) * S <= case.kv_lens[b] - case.q_lens[b]  # a cached page, shareable
+            page_table[b, p] = 1 + p if p < case.shared_pages and full else next(fresh)
+        owned |= set(page_table[b, : pages[b]].tolist())
+    free_pages = sorted(set(range(num_pages)) - owned)
+    assert free_pages, "the batch needs a free page to poison"
+    kv_lens = np.zeros(case.B, np.int32)
+    kv_lens[:n] = case.kv_lens
+    # Padding rows carry stale metadata that points at free pages: they must read nothing.
+    kv_lens[n:] = S
+    page_table[n:, 0] = free_pages[0]
+    cu = np.zeros(case.B + 1, np.int32)
+    cu[1 : n + 1] = np.cumsum(case.q_lens)
+    cu[n + 1 :] = cu[n]
+    T = int(cu[n]) + case.pad_tokens
+    q = rng.standard_normal((T, case.KH * case.G, case.D), np.float32)
+    pool = rng.standard_normal((LAYERS, num_pages, S, 2 * case.KH, case.D), np.float32)
+    unowned = np.array([p not in owned or p == 0 for p in range(num_pages)])
+    clean = np.where(unowned[None, :, None, None, None], 0.0, pool)
+    poisoned = np.where(unowned[None, :, None, None, None], np.nan, pool)
+    md = AttentionMetadata(
+        cu_q_lens=jnp.asarray(cu),
+        kv_lens=jnp.asarray(kv_lens),
+        page_table=jnp.asarray(page_table),
+        num_seqs=jnp.asarray([n], jnp.int32),
+    )
+    return jnp.asarray(q, dtype), jnp.asarray(poisoned, dtype), jnp.asarray(clean, dtype), md
+
+
+def check(case_name: str, dtype, attention, *, poison: bool = True, **kwargs):
+    case = CASES[case_name]
+    q, poisoned, clean, md = make_batch(case, dtype)
+    params = dict(sm_scale=case.D**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap)
+    want = reference(q, clean, LAYER, md, **params)
+    got = attention(q, poisoned if poison else clean, jnp.int32(LAYER), md, **params, **kwargs)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(want).any()
+    np.testing.assert_allclose(got, want, atol=TOL[dtype], rtol=TOL[dtype], equal_nan=False)
+    return got
+
+
+tpu_attention = functools.partial(tpu_kernel.ragged_paged_attention, interpret=TPU_INTERPRET)
+gpu_attention = functools.partial(gpu_kernel.ragged_paged_attention, interpret=GPU_INTERPRET)
+
+
+@pytest.mark.parametrize(
+    "case_name, dtype, blocks",
+    [
+        ("decode", jnp.float32, {}),
+        ("decode", jnp.bfloat16, {}),
+        ("extend", jnp.float32, {}),
+        ("extend", jnp.bfloat16, dict(q_block_tokens=16, kv_block_pages=1)),
+        ("mixed", jnp.float32, dict(q_block_tokens=16, kv_block_pages=1)),  # many kv blocks, prefetch
+        ("mixed", jnp.bfloat16, {}),
+        ("window_cap", jnp.float32, dict(kv_block_pages=1)),
+        ("window_cap", jnp.bfloat16, {}),
+        ("page1", jnp.float32, dict(kv_block_pages=4)),
+    ],
+)
+def test_tpu_kernel(case_name, dtype, blocks):
+    check(case_name, dtype, tpu_attention, **blocks)
+
+
+@pytest.mark.parametrize(
+    "case_name, splits",
+    [
+        ("decode", dict(num_kv_splits=1)),
+        ("decode", dict(num_kv_splits=2, kv_block_pages=4)),  # log-sum-exp merge of kv splits
+        ("extend", {}),
+        ("mixed", dict(kv_block_pages=4)),  # several kv blocks through the two-slot ring
+        ("window_cap", dict(num_kv_splits=3, kv_block_pages=4)),
+        ("page64", dict(kv_block_pages=1)),
+    ],
+)
+def test_gpu_kernel(case_name, splits):
+    check(case_name, jnp.bfloat16, gpu_attention, **splits)
+
+
+def test_gpu_kernel_rejects_what_wgmma_cannot_take():
+    q, poisoned, _, md = make_batch(CASES["decode"], jnp.float32)
+    with pytest.raises(NotImplementedError, match="bf16"):
+        gpu_attention(q, poisoned, LAYER, md, sm_scale=1.0)
+    q, poisoned, _, md = make_batch(CASES["page1"], jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="page size"):
+        gpu_attention(q, poisoned, LAYER, md, sm_scale=1.0)
+
+
+def test_dispatch():
+    assert jax.default_backend() == "cpu"
+    from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
+
+    assert get_attention("reference") is ragged_paged_attention_blocked
+    assert get_attention() is ragged_paged_attention_blocked  # auto on CPU
+    check("decode", jnp.bfloat16, get_attention("pallas"))  # the TPU kernel, interpreted
+    check("decode", jnp.bfloat16, get_attention("pallas", interpret="gpu"))
+    with pytest.raises(ValueError, match="attention_backend"):
+        get_attention("triton")
+    with pytest.raises(ValueError, match="interpret"):
+        get_attention("pallas", interpret="cuda")
+
+
+def test_gpu_dispatch_falls_back_off_hopper(caplog):
+    """`auto` on a GPU the kernel cannot serve (no sm_90, f32 pool, ...) takes the reference path."""
+    from jaxradix.pallas_kernels import _gpu_kernel
+    from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
+
+    attention = _gpu_kernel(False, fallback=ragged_paged_attention_blocked)  # CPU: not a Hopper GPU
+    with caplog.at_level("WARNING"):
+        check("decode", jnp.float32, attention, poison=False)  # the reference reads unowned pages
+    assert "sm_90" in caplog.text or "bf16" in caplog.text
+
+
+def test_write_kv_then_attend():
+    """The writer every backend uses: new K/V land in their slots, padding tokens in page 0."""
+    case = CASES["mixed"]
+    q, _, clean, md = make_batch(case, jnp.float32)
+    T, S = q.shape[0], case.S
+    rng = np.random.default_rng(1)
+    k = jnp.asarray(rng.standard_normal((T, case.KH, case.D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((T, case.KH, case.D)), jnp.float32)
+    cu, kv_lens, pt = np.asarray(md.cu_q_lens), np.asarray(md.kv_lens), np.asarray(md.page_table)
+    slots = np.zeros(T, np.int32)  # padding tokens write into page 0
+    for b in range(len(case.q_lens)):
+        for i, t in enumerate(range(cu[b], cu[b + 1])):
+            pos = kv_lens[b] - case.q_lens[b] + i
+            slots[t] = pt[b, pos // S] * S + pos % S
+    pool = write_kv(clean, LAYER, k, v, jnp.asarray(slots))
+    live = slots >= S
+    got = pool[LAYER, slots // S, slots % S]  # [T, 2*KH, D]
+    np.testing.assert_array_equal(np.asarray(got[live, : case.KH]), np.asarray(k[live]))
+    np.testing.assert_array_equal(np.asarray(got[live, case.KH :]), np.asarray(v[live]))
+    check_pool = functools.partial(tpu_attention, q_block_tokens=16)
+    want = reference(q, pool, LAYER, md, sm_scale=0.125)
+    got = check_pool(q, pool, LAYER, md, sm_scale=0.125)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernels_lower_for_hardware(platform):
+    """The non-interpreted kernels lower on CPU: Mosaic GPU all the way through its layout
+    inference for sm_90, Mosaic TPU to its MLIR (the layout passes run in libtpu, not here)."""
+    SDS = jax.ShapeDtypeStruct
+    T, B, MP, S, KH, G, D = 48, 8, 16, 16, 8, 4, 128
+    q = SDS((T, KH * G, D), jnp.bfloat16)
+    pool = SDS((LAYERS, B * MP + 1, S, 2 * KH, D), jnp.bfloat16)
+    i32 = jnp.int32
+    md = AttentionMetadata(SDS((B + 1,), i32), SDS((B,), i32), SDS((B, MP), i32), SDS((1,), i32))
+    kernel = gpu_kernel if platform == "cuda" else tpu_kernel
+    fn = functools.partial(kernel.ragged_paged_attention, sm_scale=0.1, sliding_window=100, soft_cap=30.0)
+    layer = SDS((), i32)
+    if platform == "cuda":
+        lowered = jax.jit(fn).trace(q, pool, layer, md).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+    else:
+        device = jax.sharding.AbstractDevice(device_kind="TPU v5e", num_cores=1, platform="tpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):
+            lowered = jax.jit(fn).trace(q, pool, layer, md).lower(lowering_platforms=("tpu",))
+        assert "tpu_custom_call" in lowered.as_text()
