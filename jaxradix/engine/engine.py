@@ -76,6 +76,7 @@ class Engine:
         if self.tokenizer is not None:
             self.stop_token_ids |= set(self.tokenizer.stop_token_ids)
         self.grammar = None  # the grammar backend, made on the first constrained request
+        self._grammar_lock = threading.Lock()
         self._rng = np.random.default_rng(cfg.random_seed)
         self._inbox: queue.Queue = queue.Queue()
         self._handles: dict[str, _Handle] = {}
@@ -235,10 +236,11 @@ class Engine:
     def _compile_grammar(self, params: SamplingParams) -> Any:
         if self.config.grammar_backend == "none" or self.tokenizer is None:
             raise ValueError("constrained decoding needs a tokenizer and grammar_backend='llguidance'")
-        if self.grammar is None:
-            from jaxradix.constrained import GrammarBackend
+        with self._grammar_lock:
+            if self.grammar is None:
+                from jaxradix.constrained import GrammarBackend
 
-            self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+                self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         return self.grammar.matcher(*params.constraint)
 
     def _make_handle(self, req: Request, stream: bool) -> _Handle:
