@@ -36,11 +36,21 @@ class _Handle:
     """The caller's side of one request."""
 
     req: Request
-    events: queue.Queue = field(default_factory=queue.Queue)  # output dicts; the last has finished=True
+    events: queue.Queue = field(default_factory=queue.Queue)  # output dicts; the last has a finish_reason
+    loop: asyncio.AbstractEventLoop | None = None  # async callers get events on their loop's queue
+    aevents: asyncio.Queue | None = None
+    stream: bool = False
     detok: Any = None
     text: str = ""
     sent_tokens: int = 0
     error: str | None = None
+
+    def emit(self, out: dict) -> None:
+        """Called on the engine thread."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.aevents.put_nowait, out)
+        else:
+            self.events.put(out)
 
 
 class Engine:
@@ -113,17 +123,20 @@ class Engine:
         """The asyncio form: awaits the result, or (stream=True) returns an async iterator."""
         handles, single = self._submit(prompt, sampling_params, input_ids, kwargs.pop("return_logprob", False),
                                        kwargs.pop("top_logprobs_num", 0), kwargs.pop("logprob_start_len", -1),
-                                       kwargs.pop("rid", None), kwargs.pop("extra_key", None), stream)
+                                       kwargs.pop("rid", None), kwargs.pop("extra_key", None), stream,
+                                       loop=asyncio.get_running_loop())
         if kwargs:
             raise TypeError(f"unknown arguments {sorted(kwargs)}")
         if stream:
             if len(handles) != 1:
                 raise ValueError("stream=True takes a single prompt with n=1")
             return self._astream(handles[0])
-        outs = [await asyncio.to_thread(self._wait, h) for h in handles]
+        outs = [await self._await(h) for h in handles]
         return outs[0] if single and len(outs) == 1 else outs
 
     def abort(self, rid: str) -> None:
+        if self._stopped:
+            return
         self._command(lambda: self._abort(rid), wait=False)
 
     def flush_cache(self) -> bool:
@@ -169,7 +182,7 @@ class Engine:
     # == submission ================================================================================
     def _submit(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: bool,
                 top_logprobs_num: int, logprob_start_len: int, rid: Any, extra_key: str | None,
-                stream: bool) -> tuple[list[_Handle], bool]:
+                stream: bool, loop: asyncio.AbstractEventLoop | None = None) -> tuple[list[_Handle], bool]:
         if self._stopped:
             raise RuntimeError("engine is shut down")
         if (prompt is None) == (input_ids is None):
@@ -202,7 +215,7 @@ class Engine:
                 child_rid = base if params.n == 1 else f"{base}-{i}"
                 grammar = self._compile_grammar(params) if params.constraint else None
                 reqs.append(Request(child_rid, list(ids), params, lp, extra_key, seed=seed + i, grammar=grammar))
-        handles = [self._make_handle(q, stream) for q in reqs]
+        handles = [self._make_handle(q, stream, loop) for q in reqs]
         for h in handles:
             self._inbox.put(("add", h))
         self._wake.set()
@@ -243,15 +256,14 @@ class Engine:
                 self.grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         return self.grammar.matcher(*params.constraint)
 
-    def _make_handle(self, req: Request, stream: bool) -> _Handle:
-        h = _Handle(req)
+    def _make_handle(self, req: Request, stream: bool, loop: asyncio.AbstractEventLoop | None) -> _Handle:
+        h = _Handle(req, stream=stream, loop=loop, aevents=asyncio.Queue() if loop is not None else None)
         if self.tokenizer is not None:
             from jaxradix.tokenizer import IncrementalDetokenizer
 
             h.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
                                              skip_special_tokens=req.params.skip_special_tokens,
                                              stop=req.params.stop)
-        h.stream = stream
         return h
 
     def _wait(self, h: _Handle) -> dict:
@@ -274,7 +286,7 @@ class Engine:
     async def _astream(self, h: _Handle) -> AsyncIterator[dict]:
         try:
             while True:
-                out = await asyncio.to_thread(h.events.get)
+                out = await h.aevents.get()
                 yield out
                 if out["meta_info"]["finish_reason"] is not None:
                     return
@@ -282,7 +294,19 @@ class Engine:
             if h.req.finish_reason is None:
                 self.abort(h.req.rid)
 
+    async def _await(self, h: _Handle) -> dict:
+        try:
+            while True:
+                out = await h.aevents.get()
+                if out["meta_info"]["finish_reason"] is not None:
+                    return out
+        finally:  # a cancelled caller (e.g. a closed HTTP connection) aborts its request
+            if h.req.finish_reason is None:
+                self.abort(h.req.rid)
+
     def _command(self, fn: Callable[[], Any], wait: bool = True) -> Any:
+        if self._stopped or not self._thread.is_alive():
+            raise RuntimeError("engine is shut down")
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
         self._wake.set()
@@ -395,7 +419,7 @@ class Engine:
             if reason is not None:
                 self._finish(req, reason, detail)
             elif h.stream and len(req.output_ids) % self.config.stream_interval == 0:
-                h.events.put(self._output(h))
+                h.emit(self._output(h))
 
     def _record_prompt_logprobs(self, req: Request, row: Any, result: StepResult, t: int) -> None:
         p = result.prompt
@@ -449,7 +473,7 @@ class Engine:
         if h is not None:
             if h.detok is not None and reason != FinishReason.ABORT and not h.detok.stopped:
                 h.text += h.detok.flush()
-            h.events.put(self._output(h))
+            h.emit(self._output(h))
 
     def _abort(self, rid: str) -> None:
         req = self.scheduler.abort(rid)

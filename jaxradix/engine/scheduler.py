@@ -119,7 +119,7 @@ class Scheduler:
             self.pool.free(req.pages[aligned // S:])
             self.tree.unlock(req.last_node)
             return
-        match = self.tree.match_prefix(tokens, req.extra_key)
+        match = self.tree.match_prefix(tokens, req.extra_key, touch=False)
         assert len(match.slots) == aligned
         req.pages[:aligned // S] = match.slots[::S] // S
         self.tree.lock(match.node)

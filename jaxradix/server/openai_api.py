@@ -1,0 +1,381 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from jaxradix.engine.request import MAX_TOP_LOGPROBS, SamplingParams
+from jaxradix.server.engine_client import LogprobArgs, StreamGroup, engine_errors, new_rid
+from jaxradix.server.errors import APIError, bad_request
+from jaxradix.server.protocol import ChatCompletionRequest, CompletionRequest
+from jaxradix.server.state import ServerState, TokenTexts
+from jaxradix.server.streaming import DONE, EngineStreamingResponse, sse
+
+PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+LpEntry = tuple[float | None, int, list | None]  # (logprob, token id, [(id, logprob)] top alternatives)
+
+
+# == shared helpers ===============================================================================
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_new_tokens: int,
+                    json_schema: str | None) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "n": body.n, "top_k": body.top_k, "min_p": body.min_p,
+        "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens,
+    }
+    optional = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": body.stop,
+                "stop_token_ids": body.stop_token_ids, "logit_bias": body.logit_bias, "regex": body.regex,
+                "ebnf": body.ebnf, "json_schema": json_schema}
+    d.update({k: v for k, v in optional.items() if v is not None})
+    with engine_errors(PARAM_NAMES):
+        SamplingParams(**d)
+    return d
+
+
+def check_context(context_len: int, prompt_len: int, max_new_tokens: int, prompt_param: str) -> None:
+    if prompt_len >= context_len:
+        raise bad_request(f"This model's maximum context length is {context_len} tokens, but the prompt has "
+                          f"{prompt_len} tokens.", prompt_param)
+    if prompt_len + max_new_tokens > context_len:
+        raise bad_request(
+            f"This model's maximum context length is {context_len} tokens. However, you requested "
+            f"{prompt_len + max_new_tokens} tokens ({prompt_len} in the prompt, {max_new_tokens} for the "
+            f"completion). Please reduce the prompt or max_tokens.", "max_tokens")
+
+
+def check_max_tokens(value: int, minimum: int) -> None:
+    if value < minimum:
+        raise bad_request(f"max_tokens: must be an integer >= {minimum}, got {value}", "max_tokens")
+
+
+def finish_reason(meta: dict) -> str | None:
+    fin = meta["finish_reason"]
+    return None if fin is None else fin["type"]
+
+
+def matched_stop(meta: dict) -> Any:
+    fin = meta["finish_reason"]
+    return fin.get("matched") if fin is not None and fin["type"] == "stop" else None
+
+
+def output_entries(meta: dict, start: int = 0) -> list[LpEntry]:
+    lps = meta.get("output_token_logprobs", [])[start:]
+    tops = meta.get("output_top_logprobs") or []
+    tops = tops[start:] if tops else [None] * len(lps)
+    return [(lp, tid, top) for (lp, tid), top in zip(lps, tops, strict=False)]
+
+
+def input_entries(meta: dict) -> list[LpEntry]:
+    lps = meta.get("input_token_logprobs", [])
+    tops = meta.get("input_top_logprobs") or [None] * len(lps)
+    return [(lp, tid, top) for (lp, tid), top in zip(lps, tops, strict=False)]
+
+
+def usage(outs: list[dict], n: int) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (not per choice); completion tokens over all choices."""
+    prompt = cached = 0
+    for j in range(0, len(outs), n):
+        group = [o["meta_info"] for o in outs[j:j + n]]
+        prompt += group[0]["prompt_tokens"]
+        cached += max(m.get("cached_tokens", 0) for m in group)
+    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class _UsageTracker:
+    def __init__(self, num: int, n: int) -> None:
+        self.finals: list[dict | None] = [None] * num
+        self.n = n
+
+    def add(self, i: int, out: dict) -> None:
+        self.finals[i] = out
+
+    def usage(self) -> dict[str, Any]:
+        outs = [o if o is not None else {"meta_info": {"prompt_tokens": 0, "completion_tokens": 0}}
+                for o in self.finals]
+        return usage(outs, self.n)
+
+
+def _stream_error(e: APIError) -> bytes:
+    return sse(e.body())
+
+
+# == completions =================================================================================
+def legacy_logprobs(entries: list[LpEntry], text: TokenTexts, offset: int = 0) -> dict[str, Any]:
+    tokens, lps, tops, offsets = [], [], [], []
+    for lp, tid, top in entries:
+        s = text(tid)
+        tokens.append(s)
+        lps.append(lp)
+        tops.append(None if top is None else {text(i): v for i, v in top})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def parse_prompt(prompt: Any, engine: Any) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids and (for text prompts) the text of each prompt in the request."""
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        texts: list[str | None] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        texts = list(prompt)
+    elif is_ids(prompt):
+        return [list(prompt)], [None]
+    elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        return [list(p) for p in prompt], [None] * len(prompt)
+    else:
+        raise bad_request("prompt: must be a non-empty string, list of strings, list of token ids or list of "
+                          "token id lists", "prompt")
+    with engine_errors():
+        ids = [engine.encode(t) for t in texts]
+    if any(not x for x in ids):
+        raise bad_request("prompt: must not be empty", "prompt")
+    return ids, texts
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    client = state.require()
+    model = state.check_model(body.model)
+    engine, text = client.engine, state.token_text
+    assert text is not None
+    if body.suffix:
+        raise bad_request("suffix: is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of: only best_of == n is supported", "best_of")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    check_max_tokens(max_tokens, 0)
+    k = body.logprobs
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {k}", "logprobs")
+    ids, texts = parse_prompt(body.prompt, engine)
+    for x in ids:
+        check_context(engine.context_len, len(x), max_tokens, "prompt")
+    schema = json.dumps(body.json_schema) if isinstance(body.json_schema, dict) else body.json_schema
+    params = sampling_params(body, max_tokens, schema)
+    echo_texts = [""] * len(ids)
+    if body.echo:
+        echo_texts = [t if t is not None else engine.tokenizer.decode(x, skip_special_tokens=False)
+                      for t, x in zip(texts, ids, strict=True)]
+    lp = LogprobArgs(k is not None, k or 0, 0 if body.echo and k is not None else -1)
+    base = body.rid or new_rid()
+    rids = [base] if len(ids) == 1 else [f"{base}-p{j}" for j in range(len(ids))]
+    n = body.n
+    rid, created = f"cmpl-{base}", int(time.time())
+
+    if not body.stream:
+        outs = await client.generate(request, ids, [params] * len(ids), lp, rids, PARAM_NAMES)
+        choices = []
+        for idx, out in enumerate(outs):
+            meta, echo = out["meta_info"], echo_texts[idx // n]
+            logprobs = None
+            if k is not None:
+                entries = (input_entries(meta) if body.echo else []) + output_entries(meta)
+                logprobs = legacy_logprobs(entries, text)
+            choices.append({"index": idx, "text": echo + out["text"], "logprobs": logprobs,
+                            "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta)})
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                             "choices": choices, "usage": usage(outs, n)})
+
+    group = await client.stream(ids, [params] * len(ids), lp, rids, PARAM_NAMES)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choice: dict) -> bytes:
+        return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [choice]})
+
+    async def events() -> AsyncIterator[bytes]:
+        prev_text, prev_n, started = [""] * len(group), [0] * len(group), [False] * len(group)
+        tracker = _UsageTracker(len(group), n)
+        async for i, out in group.events():
+            meta = out["meta_info"]
+            if meta.get("error"):
+                yield _stream_error(APIError(f"generation failed: {meta['error']}", 500))
+                break
+            delta = out["text"][len(prev_text[i]):]
+            entries = output_entries(meta, prev_n[i]) if k is not None else []
+            new_tokens = len(out["output_ids"]) > prev_n[i]
+            if not started[i] and body.echo:
+                delta = echo_texts[i // n] + delta
+                entries = (input_entries(meta) if k is not None else []) + entries
+            if new_tokens or delta or (not started[i] and body.echo):
+                yield chunk({"index": i, "text": delta,
+                             "logprobs": legacy_logprobs(entries, text) if k is not None else None,
+                             "finish_reason": None})
+                started[i] = True
+            prev_text[i], prev_n[i] = out["text"], len(out["output_ids"])
+            if meta["finish_reason"] is not None:
+                tracker.add(i, out)
+                yield chunk({"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(meta),
+                             "matched_stop": matched_stop(meta)})
+        if include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": tracker.usage()})
+        yield DONE
+
+    return EngineStreamingResponse(events(), group.close)
+
+
+# == chat ========================================================================================
+def chat_logprobs(entries: list[LpEntry], text: TokenTexts) -> dict[str, Any]:
+    def item(tid: int, lp: float | None) -> dict[str, Any]:
+        s = text(tid)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for lp, tid, top in entries:
+        content.append(item(tid, lp) | {"top_logprobs": [item(i, v) for i, v in (top or [])]})
+    return {"content": content, "refusal": None}
+
+
+def render_messages(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    tokenizer = state.engine.tokenizer
+    if tokenizer is None:
+        raise bad_request("this model has no tokenizer: use /generate with input_ids", "messages")
+    messages = []
+    for j, m in enumerate(body.messages):
+        content: Any = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" for p in content):
+                raise bad_request(f"messages[{j}].content: only text parts are supported", "messages")
+            content = "".join(p.text or "" for p in content)
+        msg = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        messages.append(msg)
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.continue_final_message:
+        kwargs["continue_final_message"] = True
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not body.continue_final_message,
+                                            tokenize=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        raise bad_request(f"messages: the chat template failed: {e}", "messages") from e
+    return list(ids)
+
+
+def response_schema(body: ChatCompletionRequest) -> str | None:
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        return json.dumps(body.json_schema) if isinstance(body.json_schema, dict) else body.json_schema
+    if body.json_schema is not None:
+        raise bad_request("json_schema and response_format cannot both be set", "response_format")
+    if rf.type == "json_object":
+        return json.dumps({"type": "object"})
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise bad_request("response_format.json_schema.schema is required for type json_schema",
+                          "response_format")
+    return json.dumps(rf.json_schema.schema_)
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    client = state.require()
+    model = state.check_model(body.model)
+    engine, text = client.engine, state.token_text
+    assert text is not None
+    if body.tools and body.tool_choice != "none":
+        raise bad_request("tools: tool calling is not supported", "tools")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}",
+                              "top_logprobs")
+    ids = render_messages(state, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(engine.context_len - len(ids), 0)
+    else:
+        check_max_tokens(max_tokens, 1)
+    check_context(engine.context_len, len(ids), max_tokens, "messages")
+    params = sampling_params(body, max_tokens, response_schema(body))
+    lp = LogprobArgs(body.logprobs, body.top_logprobs or 0, -1)
+    base = body.rid or new_rid()
+    n = body.n
+    rid, created = f"chatcmpl-{base}", int(time.time())
+
+    if not body.stream:
+        outs = await client.generate(request, [ids], [params], lp, [base], PARAM_NAMES)
+        choices = []
+        for idx, out in enumerate(outs):
+            meta = out["meta_info"]
+            choices.append({
+                "index": idx, "message": {"role": "assistant", "content": out["text"]},
+                "logprobs": chat_logprobs(output_entries(meta), text) if body.logprobs else None,
+                "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta)})
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                             "choices": choices, "usage": usage(outs, n), "system_fingerprint": None})
+
+    group: StreamGroup = await client.stream([ids], [params], lp, [base], PARAM_NAMES)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choice: dict) -> bytes:
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [choice]})
+
+    async def events() -> AsyncIterator[bytes]:
+        prev_text, prev_n, started = [""] * len(group), [0] * len(group), [False] * len(group)
+        tracker = _UsageTracker(len(group), n)
+        async for i, out in group.events():
+            meta = out["meta_info"]
+            if meta.get("error"):
+                yield _stream_error(APIError(f"generation failed: {meta['error']}", 500))
+                break
+            delta = out["text"][len(prev_text[i]):]
+            new_tokens = len(out["output_ids"]) > prev_n[i]
+            if new_tokens or delta:
+                d = {"content": delta} if started[i] else {"role": "assistant", "content": delta}
+                logprobs = chat_logprobs(output_entries(meta, prev_n[i]), text) if body.logprobs else None
+                yield chunk({"index": i, "delta": d, "logprobs": logprobs, "finish_reason": None})
+                started[i] = True
+            prev_text[i], prev_n[i] = out["text"], len(out["output_ids"])
+            if meta["finish_reason"] is not None:
+                tracker.add(i, out)
+                yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(meta),
+                             "matched_stop": matched_stop(meta)})
+        if include_usage:
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [], "usage": tracker.usage()})
+        yield DONE
+
+    return EngineStreamingResponse(events(), group.close)
+
+
+# == router ======================================================================================
+def openai_router(state: ServerState) -> APIRouter:
+    router = APIRouter()
+
+    def model_card(name: str) -> dict[str, Any]:
+        engine = state.engine
+        return {"id": name, "object": "model", "created": 0, "owned_by": "jaxradix", "root": state.model_path,
+                "max_model_len": engine.context_len if engine is not None else None}
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        state.require()
+        return {"object": "list", "data": [model_card(n) for n in state.served_names[:2]]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        state.require()
+        return model_card(state.check_model(model_id))
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(state, body, request)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(state, body, request)
+
+    return router

@@ -1,0 +1,87 @@
+"""What the routes share: the engine once it is ready, the served model names, metrics, token texts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jaxradix.server.engine_client import EngineClient
+from jaxradix.server.errors import APIError
+from jaxradix.server.metrics import Metrics
+
+DEFAULT_MODEL_NAME = "default"
+
+
+def model_path_of(engine: Any) -> str:
+    path = getattr(engine.config, "model_path", None)
+    if path is not None:
+        return str(path)
+    try:
+        from jaxradix.models.embedded import embedded_model_path
+
+        return str(embedded_model_path())
+    except Exception:  # noqa: BLE001 - only a name for display
+        return "SmolLM2-135M-Instruct"
+
+
+class TokenTexts:
+    """Token id -> its text, decoded alone (what logprob entries show); cached."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        t = self._cache.get(token_id)
+        if t is None:
+            t = self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+            if len(self._cache) < 1 << 18:
+                self._cache[token_id] = t
+        return t
+
+
+class ServerState:
+    def __init__(self, *, api_key: str | None, enable_metrics: bool, served_model_name: str | None,
+                 max_request_bytes: int) -> None:
+        self.api_key = api_key
+        self.max_request_bytes = max_request_bytes
+        self.served_model_name = served_model_name
+        self.engine: Any = None
+        self.client: EngineClient | None = None
+        self.load_error: str | None = None
+        self.model_path = ""
+        self.served_names: list[str] = [DEFAULT_MODEL_NAME]
+        self.token_text: TokenTexts | None = None
+        self.metrics: Metrics | None = Metrics(lambda: self.engine) if enable_metrics else None
+
+    def set_engine(self, engine: Any) -> None:
+        self.model_path = model_path_of(engine)
+        base = os.path.basename(self.model_path.rstrip("/")) or self.model_path
+        names = [self.served_model_name or base, DEFAULT_MODEL_NAME, base, self.model_path]
+        self.served_names = list(dict.fromkeys(names))
+        self.token_text = TokenTexts(engine.tokenizer)
+        self.client = EngineClient(engine, self.metrics)
+        self.engine = engine  # last: routes treat a set engine as ready
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
+
+    def require(self) -> EngineClient:
+        if self.client is None or self.engine is None:
+            why = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            raise APIError(why, 503)
+        return self.client
+
+    def check_model(self, name: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if name is None or name == "":
+            return self.model_name
+        if name not in self.served_names:
+            raise APIError(f"The model `{name}` does not exist. This server serves "
+                           f"{self.served_names[:2]}.", 404, param="model", code="model_not_found")
+        return name
