@@ -3,7 +3,9 @@
 from jaxradix.engine.request import FinishReason, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "SamplingParams", "FinishReason", "__version__"]
+_LANG = ("function", "gen", "select", "fork", "system", "user", "assistant", "set_default_backend",
+         "RuntimeEndpoint", "EngineBackend")
+__all__ = ["Engine", "SamplingParams", "FinishReason", "__version__", *_LANG]
 
 
 def __getattr__(name: str):
@@ -12,4 +14,8 @@ def __getattr__(name: str):
         from jaxradix.engine.engine import Engine
 
         return Engine
+    if name in _LANG:  # the frontend language (jaxradix.lang), also imported on first use
+        import jaxradix.lang
+
+        return getattr(jaxradix.lang, name)
     raise AttributeError(f"module 'jaxradix' has no attribute {name!r}")
