@@ -1,6 +1,12 @@
 import os
+import socket
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -40,3 +46,26 @@ def _integrity_after_each_test():
     for e in _engines.values():
         e.wait_idle(timeout=120)
         e.check_integrity()
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run an ASGI app under uvicorn on a free 127.0.0.1 port in a background thread."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

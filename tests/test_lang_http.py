@@ -3,15 +3,8 @@ engine, checked against the in-process backend; the examples with --url."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
-from conftest import get_engine
+from conftest import get_engine, serving
 from test_lang import load_example, needs_grammar
 
 from jaxradix.lang import (
@@ -28,25 +21,6 @@ from jaxradix.lang import (
 
 server_mod = pytest.importorskip("jaxradix.server", reason="the HTTP server (jaxradix.server) is not in the repo")
 uvicorn = pytest.importorskip("uvicorn")
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

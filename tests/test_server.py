@@ -6,18 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import get_engine
+from conftest import get_engine, serving
 
 from jaxradix.launch_server import build_parser, engine_kwargs
 from jaxradix.server import create_app
@@ -25,27 +22,6 @@ from jaxradix.server import create_app
 GREEDY = {"temperature": 0}
 LOAD_CLIENTS = 256
 LOAD_MAX_TOKENS = 8
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run app under uvicorn on a free 127.0.0.1 port in a background thread."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_keep_alive=30))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
