@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from conftest import get_engine, serving
@@ -181,22 +182,33 @@ def test_completion_stream_n2(oai):
     assert texts == [c.text for c in full.choices]
 
 
-def test_response_format_json(http):
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False}
-    body = {"model": "default", "messages": [{"role": "user", "content": "Describe a person as JSON."}],
-            "max_tokens": 40, "temperature": 0,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}
-    r = http.post("/v1/chat/completions", json=body)
-    if r.status_code == 400:  # a build without constrained decoding says so
-        assert_error(r, 400)
-    else:
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
-        if choice["finish_reason"] == "stop":
-            assert set(json.loads(choice["message"]["content"])) == {"name", "age"}
-    r = http.post("/v1/chat/completions", json=dict(body, max_tokens=2, response_format={"type": "json_object"}))
-    assert r.status_code in (200, 400), r.text
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                 "minItems": 1, "maxItems": 3}},
+     "required": ["colors"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{2,12}$"},
+                                      "ok": {"type": "boolean"}},
+     "required": ["city", "ok"], "additionalProperties": False},
+]
+
+
+def test_response_format_json_with_the_openai_client(oai, http):
+    for i, schema in enumerate(SCHEMAS):
+        r = oai.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=96,
+            temperature=1.0, seed=i, n=2,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+        for choice in r.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), schema)
+    r = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "A JSON object:"}],
+                                    max_tokens=96, temperature=0, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    body = {"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
     bad = dict(body, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
     assert_error(http.post("/v1/chat/completions", json=bad), 400, "response_format")
 
