@@ -108,6 +108,17 @@ def test_seeded_sampling_is_reproducible_and_n_samples_differ(engine):
     assert len({tuple(o["output_ids"]) for o in outs}) > 1
 
 
+def test_n_samples_compute_the_prompt_once(engine):
+    engine.flush_cache()
+    prompt = "Here is a list of animals that live in the ocean, with one fact about each of them: whales,"
+    n_prompt = len(engine.encode(prompt))
+    before = engine.stats["prefill_tokens"]
+    outs = engine.generate(prompt, SamplingParams(temperature=1.0, max_new_tokens=4, n=4, seed=1))
+    computed = engine.stats["prefill_tokens"] - before
+    assert computed == n_prompt + 3 * (n_prompt - (n_prompt - 1) // 16 * 16)
+    assert all(o["meta_info"]["cached_tokens"] == (n_prompt - 1) // 16 * 16 for o in outs[1:])
+
+
 def test_sampling_filters_and_penalties_run(engine):
     for sp in [SamplingParams(temperature=0.8, top_k=1, max_new_tokens=8),
                SamplingParams(temperature=0.8, top_p=0.01, max_new_tokens=8),

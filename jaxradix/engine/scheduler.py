@@ -226,8 +226,9 @@ class Scheduler:
         prefix = len(match.slots)
         if batch_tree is not None:
             shared = len(batch_tree.match_prefix(tokens).slots)
-            if shared - prefix >= IN_BATCH_SHARE_THRESHOLD:
-                return None  # another request of this batch computes that prefix; reuse it next step
+            gain = min(shared, self._max_match(req)) // self.S * self.S - prefix  # tokens to reuse by waiting
+            if gain > 0 and (gain >= IN_BATCH_SHARE_THRESHOLD or shared >= len(tokens) - 1):
+                return None  # another request of this batch computes that prefix (or the same prompt: n > 1)
         n = min(req.seq_len - prefix, budget)
         self.tree.lock(match.node)
         left = min(req.params.max_new_tokens - len(req.output_ids), self.context_len - req.seq_len)
