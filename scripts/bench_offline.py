@@ -59,6 +59,14 @@ def run(engine: Engine, prompts: list, out_len: int) -> dict:
     }
 
 
+class Report(list):
+    """Prints each part as soon as it is measured."""
+
+    def append(self, text: str) -> None:
+        super().append(text)
+        print(text, flush=True)
+
+
 def table(title: str, rows: dict[str, dict], keys: list[str]) -> str:
     lines = [f"\n## {title}", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in rows.items():
@@ -78,6 +86,8 @@ def main() -> None:
     ap.add_argument("--pool-tokens", type=int, default=16384, help="the fixed KV pool of the concurrency part")
     ap.add_argument("--chunked-prefill-size", type=int, default=512)
     ap.add_argument("--naive-requests", type=int, default=8)
+    ap.add_argument("--concurrency-requests", type=int, default=128)
+    ap.add_argument("--concurrency-system-len", type=int, default=None, help="default: --system-len")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -87,7 +97,7 @@ def main() -> None:
     print(f"# jaxradix offline benchmark on {jax.default_backend()} ({jax.devices()[0].device_kind}, "
           f"{platform.processor() or platform.machine()}), model {args.model_path or 'embedded SmolLM2-135M'}")
     results: dict = {}
-    report = []
+    report = Report()
 
     if "shared" in parts or "concurrency" in parts:
         rows = {}
@@ -116,7 +126,8 @@ def main() -> None:
             for cap in (128, 32):
                 e = Engine(args.model_path, max_running_requests=cap, max_total_tokens=args.pool_tokens,
                            disable_radix_cache=not radix, new_token_ratio=1.0, min_new_token_ratio=1.0, **common)
-                prompts = shared_prefix_prompts(e, 128 if cap == 128 else 64, args.system_len, q_min, q_max)
+                n = args.concurrency_requests if cap == 128 else min(args.concurrency_requests, 64)
+                prompts = shared_prefix_prompts(e, n, args.concurrency_system_len or args.system_len, q_min, q_max)
                 r = run(e, prompts, args.output_len)
                 e.shutdown()
                 name = "radix" if radix else "no radix"
@@ -125,8 +136,10 @@ def main() -> None:
                     rows[name]["retractions"] = r["retractions"]
                 else:
                     rows[name]["mean_latency_s_at_32"] = r["mean_latency_s"]
-        report.append(table(f"Fixed KV pool of {args.pool_tokens} tokens: concurrency without retraction "
-                            f"(admission reserves the full output), latency at concurrency 32", rows,
+        report.append(table(f"Fixed KV pool of {args.pool_tokens} tokens, "
+                            f"{args.concurrency_system_len or args.system_len}-token shared prefix: concurrency "
+                            f"without retraction (admission reserves the full output), latency at concurrency 32",
+                            rows,
                             ["max_concurrent_requests", "retractions", "mean_latency_s_at_32"]))
         results["concurrency"] = rows
 
@@ -158,7 +171,6 @@ def main() -> None:
                       f"{naive_wall / r['wall_s']:.2f}x throughput")
         results["naive"] = {"naive_s": naive_wall, "jaxradix_s": r["wall_s"], "ratio": naive_wall / r["wall_s"]}
 
-    print("\n".join(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
