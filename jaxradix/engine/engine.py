@@ -267,10 +267,8 @@ class Engine:
         return h
 
     def _wait(self, h: _Handle) -> dict:
-        while True:
-            out = h.events.get()
-            if out["meta_info"]["finish_reason"] is not None:
-                return out
+        *_, last = self._stream(h)
+        return last
 
     def _stream(self, h: _Handle) -> Iterator[dict]:
         try:
@@ -295,14 +293,10 @@ class Engine:
                 self.abort(h.req.rid)
 
     async def _await(self, h: _Handle) -> dict:
-        try:
-            while True:
-                out = await h.aevents.get()
-                if out["meta_info"]["finish_reason"] is not None:
-                    return out
-        finally:  # a cancelled caller (e.g. a closed HTTP connection) aborts its request
-            if h.req.finish_reason is None:
-                self.abort(h.req.rid)
+        last: dict = {}
+        async for last in self._astream(h):  # noqa: B007 - a cancelled caller aborts in _astream
+            pass
+        return last
 
     def _command(self, fn: Callable[[], Any], wait: bool = True) -> Any:
         if self._stopped or not self._thread.is_alive():
