@@ -32,7 +32,7 @@ from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
 @dataclass(frozen=True)
 class Batch:
     q: jax.Array  # [T, NH, D]
-    pool: jax.Array  # [1, P, S, 2*KH, D]
+    pool: jax.Array  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata
     kv_bytes: int  # live K/V bytes the attention must read
     causal_flops: float  # 4 * D * (number of unmasked q.k pairs) * NH
@@ -53,7 +53,7 @@ def make_batch(q_lens: list[int], kv_lens: list[int], *, S: int, KH: int, G: int
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     kq, kp = jax.random.split(jax.random.key(0))
     q = jax.random.normal(kq, (int(cu[-1]), KH * G, D), dtype)
-    pool = jax.random.normal(kp, (1, num_pages, S, 2 * KH, D), dtype)
+    pool = jax.random.normal(kp, (num_pages, S, 2 * KH, D), dtype)
     md = AttentionMetadata(
         cu_q_lens=jnp.asarray(cu),
         kv_lens=jnp.asarray(kv_lens, jnp.int32),
@@ -90,17 +90,16 @@ def copy_bandwidth(nbytes: int, **timing) -> float:
 
 def run_attention(attention: Callable, batch: Batch, sm_scale: float) -> Callable[[], jax.Array]:
     fn = jax.jit(functools.partial(attention, sm_scale=sm_scale))
-    layer = jnp.int32(0)
-    return lambda: fn(batch.q, batch.pool, layer, batch.md)
+    return lambda: fn(batch.q, batch.pool, batch.md)
 
 
 def cudnn_attention(batch: Batch, q_len: int, n_seqs: int, sm_scale: float) -> Callable[[], jax.Array]:
     """dot_product_attention on the same extend rows, as contiguous [B, L, H, D] arrays."""
     T, NH, D = batch.q.shape
-    KH = batch.pool.shape[3] // 2
+    KH = batch.pool.shape[2] // 2
     L = q_len
     q = batch.q.reshape(n_seqs, L, NH, D)
-    kv = batch.pool[0][batch.md.page_table].reshape(n_seqs, -1, 2 * KH, D)[:, :L]  # gathered once, untimed
+    kv = batch.pool[batch.md.page_table].reshape(n_seqs, -1, 2 * KH, D)[:, :L]  # gathered once, untimed
     k, v = kv[:, :, :KH], kv[:, :, KH:]
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     fn = jax.jit(

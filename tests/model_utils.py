@@ -37,7 +37,8 @@ def paged_logits(model: LlamaForCausalLM, tokens: list[int], chunks: list[int], 
     num_pages = n // page_size + 3
     rng = np.random.default_rng(1)
     pages = rng.permutation(np.arange(1, num_pages)).astype(np.int32)
-    kv = jnp.zeros((cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim), model.dtype)
+    kv = tuple(jnp.zeros((num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim), model.dtype)
+               for _ in range(cfg.num_layers))  # L x [P, S, 2*KH, D]
 
     @jax.jit
     def run(kv, ids, pos, slots, md):

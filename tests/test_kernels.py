@@ -26,8 +26,6 @@ from jaxradix.pallas_kernels.tpu import ragged_paged_attention as tpu_kernel
 TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 GPU_INTERPRET = plgpu.InterpretGPUParams(uninitialized_memory="nan")
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-LAYERS = 2
-LAYER = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +57,8 @@ CASES = {
 
 
 def make_batch(case: Case, dtype, seed: int = 0):
-    """(q, pool for the kernel with NaN in unowned pages, the same pool with zeros there, md)."""
+    """(q, one layer's pool for the kernel with NaN in unowned pages, the same pool with zeros
+    there, md)."""
     rng = np.random.default_rng(seed)
     n, S = len(case.q_lens), case.S
     pages = [-(-k // S) for k in case.kv_lens]
@@ -84,10 +83,10 @@ def make_batch(case: Case, dtype, seed: int = 0):
     cu[n + 1 :] = cu[n]
     T = int(cu[n]) + case.pad_tokens
     q = rng.standard_normal((T, case.KH * case.G, case.D), np.float32)
-    pool = rng.standard_normal((LAYERS, num_pages, S, 2 * case.KH, case.D), np.float32)
+    pool = rng.standard_normal((num_pages, S, 2 * case.KH, case.D), np.float32)  # [P, S, 2*KH, D]
     unowned = np.array([p not in owned or p == 0 for p in range(num_pages)])
-    clean = np.where(unowned[None, :, None, None, None], 0.0, pool)
-    poisoned = np.where(unowned[None, :, None, None, None], np.nan, pool)
+    clean = np.where(unowned[:, None, None, None], 0.0, pool)
+    poisoned = np.where(unowned[:, None, None, None], np.nan, pool)
     md = AttentionMetadata(
         cu_q_lens=jnp.asarray(cu),
         kv_lens=jnp.asarray(kv_lens),
@@ -101,8 +100,8 @@ def check(case_name: str, dtype, attention, *, poison: bool = True, **kwargs):
     case = CASES[case_name]
     q, poisoned, clean, md = make_batch(case, dtype)
     params = dict(sm_scale=case.D**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap)
-    want = reference(q, clean, LAYER, md, **params)
-    got = attention(q, poisoned if poison else clean, jnp.int32(LAYER), md, **params, **kwargs)
+    want = reference(q, clean, md, **params)
+    got = attention(q, poisoned if poison else clean, md, **params, **kwargs)
     assert got.shape == want.shape and got.dtype == want.dtype
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert not np.isnan(want).any()
@@ -150,10 +149,10 @@ def test_gpu_kernel(case_name, splits):
 def test_gpu_kernel_rejects_what_wgmma_cannot_take():
     q, poisoned, _, md = make_batch(CASES["decode"], jnp.float32)
     with pytest.raises(NotImplementedError, match="bf16"):
-        gpu_attention(q, poisoned, LAYER, md, sm_scale=1.0)
+        gpu_attention(q, poisoned, md, sm_scale=1.0)
     q, poisoned, _, md = make_batch(CASES["page1"], jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="page size"):
-        gpu_attention(q, poisoned, LAYER, md, sm_scale=1.0)
+        gpu_attention(q, poisoned, md, sm_scale=1.0)
 
 
 def test_dispatch():
@@ -195,14 +194,14 @@ def test_write_kv_then_attend():
         for i, t in enumerate(range(cu[b], cu[b + 1])):
             pos = kv_lens[b] - case.q_lens[b] + i
             slots[t] = pt[b, pos // S] * S + pos % S
-    pool = write_kv(clean, LAYER, k, v, jnp.asarray(slots))
+    pool = write_kv(clean, k, v, jnp.asarray(slots))
     live = slots >= S
-    got = pool[LAYER, slots // S, slots % S]  # [T, 2*KH, D]
+    got = pool[slots // S, slots % S]  # [T, 2*KH, D]
     np.testing.assert_array_equal(np.asarray(got[live, : case.KH]), np.asarray(k[live]))
     np.testing.assert_array_equal(np.asarray(got[live, case.KH :]), np.asarray(v[live]))
     check_pool = functools.partial(tpu_attention, q_block_tokens=16)
-    want = reference(q, pool, LAYER, md, sm_scale=0.125)
-    got = check_pool(q, pool, LAYER, md, sm_scale=0.125)
+    want = reference(q, pool, md, sm_scale=0.125)
+    got = check_pool(q, pool, md, sm_scale=0.125)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
@@ -213,18 +212,17 @@ def test_kernels_lower_for_hardware(platform):
     SDS = jax.ShapeDtypeStruct
     T, B, MP, S, KH, G, D = 48, 8, 16, 16, 8, 4, 128
     q = SDS((T, KH * G, D), jnp.bfloat16)
-    pool = SDS((LAYERS, B * MP + 1, S, 2 * KH, D), jnp.bfloat16)
+    pool = SDS((B * MP + 1, S, 2 * KH, D), jnp.bfloat16)
     i32 = jnp.int32
     md = AttentionMetadata(SDS((B + 1,), i32), SDS((B,), i32), SDS((B, MP), i32), SDS((1,), i32))
     kernel = gpu_kernel if platform == "cuda" else tpu_kernel
     fn = functools.partial(kernel.ragged_paged_attention, sm_scale=0.1, sliding_window=100, soft_cap=30.0)
-    layer = SDS((), i32)
     if platform == "cuda":
-        lowered = jax.jit(fn).trace(q, pool, layer, md).lower(lowering_platforms=("cuda",))
+        lowered = jax.jit(fn).trace(q, pool, md).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in lowered.as_text()
     else:
         device = jax.sharding.AbstractDevice(device_kind="TPU v5e", num_cores=1, platform="tpu")
         mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
         with jax.sharding.use_abstract_mesh(mesh):
-            lowered = jax.jit(fn).trace(q, pool, layer, md).lower(lowering_platforms=("tpu",))
+            lowered = jax.jit(fn).trace(q, pool, md).lower(lowering_platforms=("tpu",))
         assert "tpu_custom_call" in lowered.as_text()

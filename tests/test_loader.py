@@ -14,9 +14,7 @@ DATA = Path(__file__).parent / "data" / "parity"
 
 
 def _params(model):
-    from flax import nnx
-
-    return {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()}
+    return {k: np.asarray(v) for k, v in model.flat_params().items()}
 
 
 def test_sharded_safetensors_equal_single_file(tmp_path):

@@ -1,4 +1,4 @@
-"""The paged KV pool: one device array for all layers plus a host allocator of its pages.
+"""The paged KV pool: one device array per layer plus a host allocator of their pages.
 
 Page 0 is reserved: padding tokens write there and no sequence ever reads it.
 """
@@ -46,12 +46,13 @@ class PagePool:
         self.num_pages = num_tokens // page_size + 1  # + the reserved page 0
         if self.num_pages < 2:
             raise ValueError(f"max_total_tokens={num_tokens} holds no page of {page_size} tokens")
-        self.kv = jnp.zeros(  # [L, P, S, 2*KH, D]
-            (cfg.num_layers, self.num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim), dtype)
+        shape = (self.num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+        # L arrays [P, S, 2*KH, D]; page p of every layer belongs to the same tokens.
+        self.kv: tuple[jax.Array, ...] = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)  # a stack; pops low pages first
         self._num_free = self.num_pages - 1
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", self.num_pages - 1, page_size,
-                    self.kv.nbytes / 2**20)
+                    sum(a.nbytes for a in self.kv) / 2**20)
 
     @property
     def capacity(self) -> int:

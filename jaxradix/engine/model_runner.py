@@ -70,8 +70,9 @@ class ModelRunner:
         self.num_compiles = 0
 
     # -- the traced functions -------------------------------------------------------------------
-    def _step(self, params: nnx.State, kv: jax.Array, state: SamplerState, inp: StepInput,
-              prompt_logprobs: bool) -> tuple[jax.Array, SamplerState, SampleOutput, PromptLogprobs | None]:
+    def _step(self, params: nnx.State, kv: tuple[jax.Array, ...], state: SamplerState, inp: StepInput,
+              prompt_logprobs: bool) -> tuple[tuple[jax.Array, ...], SamplerState, SampleOutput,
+                                               PromptLogprobs | None]:
         model = nnx.merge(self.graphdef, params)
         hidden, kv = model(inp.input_ids, inp.positions, inp.slot_mapping, kv, inp.attn, self.attention_fn)
         logits = model.logits(hidden[inp.logits_indices])  # [B, V]

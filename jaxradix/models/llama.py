@@ -1,8 +1,10 @@
 """The Llama family in one Flax NNX module: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
 
-Layer weights are stacked on a leading layer axis and the forward scans over layers, so the
-step compiles once per shape however deep the model is. The KV pool is one array for all
-layers, carried through the scan and updated in place by one scatter per layer.
+Each layer owns its weights (no stacked [L] axis) and the forward is a Python loop over layers,
+unrolled inside the one jitted step, so every weight byte is read once per step and no slice of a
+stacked weight is ever materialised. Q/K/V are one fused matmul (``wqkv``) and gate/up another
+(``w_gate_up``), fused at load time. The KV pool is a tuple of per-layer arrays, each updated in
+place (donated) by one scatter.
 """
 
 from __future__ import annotations
@@ -56,94 +58,140 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the model by name; layer parameters carry a leading [L] axis."""
-    L, H, I = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """One decoder layer's parameters. Q/K/V are fused column-wise [q | k | v], gate/up [gate | up]."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
     NH, KH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     shapes = {
-        "embed": (cfg.vocab_size, H),
-        "final_norm": (H,),
-        "attn_norm": (L, H),
-        "wq": (L, H, NH * D),
-        "wk": (L, H, KH * D),
-        "wv": (L, H, KH * D),
-        "wo": (L, NH * D, H),
-        "mlp_norm": (L, H),
-        "w_gate": (L, H, I),
-        "w_up": (L, H, I),
-        "w_down": (L, I, H),
+        "attn_norm": (H,),
+        "wqkv": (H, (NH + 2 * KH) * D),
+        "wo": (NH * D, H),
+        "mlp_norm": (H,),
+        "w_gate_up": (H, 2 * I),
+        "w_down": (I, H),
     }
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (H, cfg.vocab_size)
     if cfg.qkv_bias:
-        shapes |= {"bq": (L, NH * D), "bk": (L, KH * D), "bv": (L, KH * D)}
+        shapes["bqkv"] = ((NH + 2 * KH) * D,)
     if cfg.o_bias:
-        shapes["bo"] = (L, H)
+        shapes["bo"] = (H,)
     if cfg.qk_norm:
-        shapes |= {"q_norm": (L, D), "k_norm": (L, D)}
+        shapes |= {"q_norm": (D,), "k_norm": (D,)}
     return shapes
 
 
-LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
-                "bq", "bk", "bv", "bo", "q_norm", "k_norm")
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the model by flat name: globals, then ``layers.{i}.{name}`` per layer."""
+    shapes = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
+    for i in range(cfg.num_layers):
+        shapes |= {f"layers.{i}.{n}": s for n, s in layer_param_shapes(cfg).items()}
+    return shapes
 
 
-class LlamaForCausalLM(nnx.Module):
+def fused_parts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Column widths of the parts of each fused parameter, in order ([q, k, v], [gate, up])."""
+    NH, KH, D, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    qkv = (NH * D, KH * D, KH * D)
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": (I, I)}
+
+
+class LlamaLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array]):
-        missing = set(param_shapes(cfg)) - set(params)
-        if missing:
-            raise ValueError(f"model parameters missing: {sorted(missing)}")
         self.cfg = cfg
         for name, value in params.items():
             setattr(self, name, nnx.Param(value))
 
+    def __call__(
+        self,
+        h: jax.Array,  # [T, H]
+        kv: jax.Array,  # [P, S, 2*KH, D], this layer's pool
+        cos: jax.Array,  # [T, 1, D/2]
+        sin: jax.Array,  # [T, 1, D/2]
+        slot_mapping: jax.Array,  # [T] int32
+        md: AttentionMetadata,
+        attention_fn: AttentionFn,
+    ) -> tuple[jax.Array, jax.Array]:  # h [T, H], updated kv
+        cfg = self.cfg
+        T = h.shape[0]
+        NH, KH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = rms_norm(h, self.attn_norm[...], cfg.rms_norm_eps)
+        qkv = x @ self.wqkv[...]  # [T, (NH + 2*KH) * D]
+        if cfg.qkv_bias:
+            qkv = qkv + self.bqkv[...]
+        q = qkv[:, : NH * D].reshape(T, NH, D)
+        k = qkv[:, NH * D : (NH + KH) * D].reshape(T, KH, D)
+        v = qkv[:, (NH + KH) * D :].reshape(T, KH, D)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv = write_kv(kv, k, v, slot_mapping)
+        o = attention_fn(q, kv, md, sm_scale=1.0 / math.sqrt(D), sliding_window=cfg.sliding_window)
+        o = o.reshape(T, NH * D) @ self.wo[...]  # [T, H]
+        if cfg.o_bias:
+            o = o + self.bo[...]
+        h = h + o
+        x = rms_norm(h, self.mlp_norm[...], cfg.rms_norm_eps)
+        gate_up = x @ self.w_gate_up[...]  # [T, 2*I]
+        I = cfg.intermediate_size
+        h = h + (jax.nn.silu(gate_up[:, :I]) * gate_up[:, I:]) @ self.w_down[...]
+        return h, kv
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, params: dict[str, jax.Array]):
+        """params by the flat names of param_shapes(cfg)."""
+        expected = param_shapes(cfg)
+        missing = set(expected) - set(params)
+        if missing:
+            raise ValueError(f"model parameters missing: {sorted(missing)[:8]}")
+        unexpected = set(params) - set(expected)
+        if unexpected:
+            raise ValueError(f"unexpected model parameters: {sorted(unexpected)[:8]}")
+        self.cfg = cfg
+        self.embed = nnx.Param(params["embed"])
+        self.final_norm = nnx.Param(params["final_norm"])
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(params["lm_head"])
+        names = layer_param_shapes(cfg)
+        self.layers = nnx.List(
+            [LlamaLayer(cfg, {n: params[f"layers.{i}.{n}"] for n in names}) for i in range(cfg.num_layers)])
+
     @property
     def dtype(self) -> Any:
         return self.embed[...].dtype
+
+    def flat_params(self) -> dict[str, jax.Array]:
+        """The parameters by the flat names of param_shapes (the inverse of the constructor)."""
+        out = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
+        if not self.cfg.tie_word_embeddings:
+            out["lm_head"] = self.lm_head[...]
+        for i, layer in enumerate(self.layers):
+            out |= {f"layers.{i}.{n}": getattr(layer, n)[...] for n in layer_param_shapes(self.cfg)}
+        return out
 
     def __call__(
         self,
         input_ids: jax.Array,  # [T] int32
         positions: jax.Array,  # [T] int32
         slot_mapping: jax.Array,  # [T] int32, where each token's K/V is written
-        kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
+        kv: tuple[jax.Array, ...],  # L x [P, S, 2*KH, D]
         md: AttentionMetadata,
         attention_fn: AttentionFn = ragged_paged_attention,
-    ) -> tuple[jax.Array, jax.Array]:  # hidden [T, H] after the final norm, updated kv_pool
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:  # hidden [T, H] after the final norm, updated kv
         cfg = self.cfg
-        T = input_ids.shape[0]
-        NH, KH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if len(kv) != cfg.num_layers:
+            raise ValueError(f"kv pool has {len(kv)} layer arrays, the model has {cfg.num_layers} layers")
         h = self.embed[...][input_ids]  # [T, H]
         angles = positions.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]  # [T, D/2]
         cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
-        layer_params = {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
-        sm_scale = 1.0 / math.sqrt(D)
-
-        def layer(carry, xs):
-            h, kv_pool = carry
-            p, idx = xs
-            x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
-            if cfg.qkv_bias:
-                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-            q, k, v = q.reshape(T, NH, D), k.reshape(T, KH, D), v.reshape(T, KH, D)
-            if cfg.qk_norm:
-                q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-                k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            kv_pool = write_kv(kv_pool, idx, k, v, slot_mapping)
-            o = attention_fn(q, kv_pool, idx, md, sm_scale=sm_scale, sliding_window=cfg.sliding_window)
-            o = o.reshape(T, NH * D) @ p["wo"]
-            if cfg.o_bias:
-                o = o + p["bo"]
-            h = h + o
-            x = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-            h = h + (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
-            return (h, kv_pool), None
-
-        idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, kv_pool), _ = jax.lax.scan(layer, (h, kv_pool), (layer_params, idx))
-        return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps), kv_pool
+        new_kv = []
+        # Unrolled at trace time: each layer reads its own weight arrays, never a slice of a stack.
+        for layer, layer_kv in zip(self.layers, kv, strict=True):
+            h, layer_kv = layer(h, layer_kv, cos, sin, slot_mapping, md, attention_fn)
+            new_kv.append(layer_kv)
+        return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps), tuple(new_kv)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [N, H] -> [N, V] f32
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]

@@ -1,8 +1,8 @@
 """Weight loading: HF safetensors directories, GGUF files, orbax checkpoints, dummy weights.
 
 Every source is reduced to Hugging Face tensor names first (GGUF via gguf_file.py), then mapped
-onto the model's stacked parameters one tensor at a time, so host memory holds one copy of the
-model in the target dtype and nothing more.
+onto the model's per-layer parameters one tensor at a time (q/k/v into the fused ``wqkv``, gate/up
+into ``w_gate_up``), so host memory holds one copy of the model in the target dtype and nothing more.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxradix.models.llama import LlamaForCausalLM, param_shapes
+from jaxradix.models.llama import LlamaForCausalLM, fused_parts, param_shapes
 from jaxradix.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -30,28 +30,28 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ORBAX_MARKER = "jaxradix_orbax.json"
 
-# HF name (with the layer number removed) -> (parameter, transpose)
+# HF name (with the layer number removed) -> (parameter, transpose, part of a fused parameter)
 _LAYER_NAMES = {
-    "input_layernorm.weight": ("attn_norm", False),
-    "self_attn.q_proj.weight": ("wq", True),
-    "self_attn.k_proj.weight": ("wk", True),
-    "self_attn.v_proj.weight": ("wv", True),
-    "self_attn.o_proj.weight": ("wo", True),
-    "self_attn.q_proj.bias": ("bq", False),
-    "self_attn.k_proj.bias": ("bk", False),
-    "self_attn.v_proj.bias": ("bv", False),
-    "self_attn.o_proj.bias": ("bo", False),
-    "self_attn.q_norm.weight": ("q_norm", False),
-    "self_attn.k_norm.weight": ("k_norm", False),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
-    "mlp.gate_proj.weight": ("w_gate", True),
-    "mlp.up_proj.weight": ("w_up", True),
-    "mlp.down_proj.weight": ("w_down", True),
+    "input_layernorm.weight": ("attn_norm", False, None),
+    "self_attn.q_proj.weight": ("wqkv", True, 0),
+    "self_attn.k_proj.weight": ("wqkv", True, 1),
+    "self_attn.v_proj.weight": ("wqkv", True, 2),
+    "self_attn.o_proj.weight": ("wo", True, None),
+    "self_attn.q_proj.bias": ("bqkv", False, 0),
+    "self_attn.k_proj.bias": ("bqkv", False, 1),
+    "self_attn.v_proj.bias": ("bqkv", False, 2),
+    "self_attn.o_proj.bias": ("bo", False, None),
+    "self_attn.q_norm.weight": ("q_norm", False, None),
+    "self_attn.k_norm.weight": ("k_norm", False, None),
+    "post_attention_layernorm.weight": ("mlp_norm", False, None),
+    "mlp.gate_proj.weight": ("w_gate_up", True, 0),
+    "mlp.up_proj.weight": ("w_gate_up", True, 1),
+    "mlp.down_proj.weight": ("w_down", True, None),
 }
 _GLOBAL_NAMES = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm", False),
-    "lm_head.weight": ("lm_head", True),
+    "model.embed_tokens.weight": ("embed", False, None),
+    "model.norm.weight": ("final_norm", False, None),
+    "lm_head.weight": ("lm_head", True, None),
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -132,13 +132,14 @@ def _try_tokenizer(path: Path) -> Any:
 
 
 class _ParamBuilder:
-    """Host buffers of the target dtype, filled one HF tensor at a time."""
+    """Host buffers of the target dtype, filled one HF tensor at a time (fused parameters part by part)."""
 
     def __init__(self, cfg: ModelConfig, dtype: Any):
         self.cfg = cfg
         self.np_dtype = np.dtype(dtype)
         self.buffers = {n: np.zeros(s, self.np_dtype) for n, s in param_shapes(cfg).items()}
-        self.filled: dict[str, int] = {n: 0 for n in self.buffers}
+        self.parts = fused_parts(cfg)
+        self.filled: set[tuple[str, int]] = set()  # (flat name, part)
 
     def add(self, hf_name: str, tensor: np.ndarray) -> None:
         if "rotary_emb" in hf_name:
@@ -150,28 +151,34 @@ class _ParamBuilder:
             layer, rest = int(m.group(1)), m.group(2)
             if rest not in _LAYER_NAMES or layer >= self.cfg.num_layers:
                 raise ValueError(f"unexpected tensor {hf_name!r} for this {self.cfg.model_type} config")
-            name, transpose = _LAYER_NAMES[rest]
+            param, transpose, part = _LAYER_NAMES[rest]
+            name = f"layers.{layer}.{param}"
         elif hf_name in _GLOBAL_NAMES:
-            name, transpose = _GLOBAL_NAMES[hf_name]
-            layer = None
+            param, transpose, part = _GLOBAL_NAMES[hf_name]
+            name = param
         else:
             raise ValueError(f"unexpected tensor {hf_name!r} for this {self.cfg.model_type} config")
         if name not in self.buffers:
             raise ValueError(f"tensor {hf_name!r} has no place in a {self.cfg.model_type} model with this "
                              f"config (e.g. a bias the config does not declare)")
         value = tensor.T if transpose else tensor
-        target = self.buffers[name] if layer is None else self.buffers[name][layer]
+        target = self.buffers[name]
+        if part is not None:  # columns [lo, hi) of the fused parameter
+            widths = self.parts[param]
+            lo = sum(widths[:part])
+            target = target[..., lo:lo + widths[part]]
         if value.shape != target.shape:
             raise ValueError(f"tensor {hf_name!r} has shape {tensor.shape}, the config implies "
                              f"{target.shape[::-1] if transpose else target.shape}")
         target[...] = value.astype(self.np_dtype)
-        self.filled[name] += 1
+        self.filled.add((name, part or 0))
 
     def build(self) -> dict[str, jax.Array]:
-        for name, count in self.filled.items():
-            expected = 1 if name in ("embed", "final_norm", "lm_head") else self.cfg.num_layers
-            if count != expected:
-                raise ValueError(f"weights incomplete: parameter {name!r} got {count} of {expected} tensors")
+        for name in self.buffers:
+            param = name.rsplit(".", 1)[-1]
+            for part in range(len(self.parts.get(param, (0,)))):
+                if (name, part) not in self.filled:
+                    raise ValueError(f"weights incomplete: parameter {name!r} (part {part}) got no tensor")
         params = {n: jnp.asarray(b) for n, b in self.buffers.items()}
         self.buffers.clear()
         return params
@@ -236,11 +243,10 @@ def _load_dummy(path: Path, dtype: str, seed: int) -> LoadedModel:
 def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     """Save converted params (and config, tokenizer) so later loads skip conversion."""
     import orbax.checkpoint as ocp
-    from flax import nnx
 
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    state = _nest(loaded.model.flat_params())
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(out / "params", state, force=True)
     if loaded.tokenizer is not None:
@@ -262,7 +268,29 @@ def _load_orbax(path: Path, sharding: jax.sharding.Sharding | None = None) -> Lo
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {n: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for n, s in param_shapes(cfg).items()}
     with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(path.absolute() / "params", target)
+        restored = _flatten(ckpt.restore(path.absolute() / "params", _nest(target)))
     tok_dir = path / "tokenizer"
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
     return LoadedModel(cfg, meta["config"], LlamaForCausalLM(cfg, restored), tokenizer, str(path), "orbax", 0.0)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"layers.0.wqkv": x} -> {"layers": {"0": {"wqkv": x}}}: the tree an orbax checkpoint holds."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, leaf = name.split(".")
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,7 +1,8 @@
 """Attention implementations behind one signature, picked by backend.
 
-Every implementation is ``f(q, kv_pool, layer, md, *, sm_scale, sliding_window=None,
-soft_cap=None) -> [T, NH, D]`` with the semantics of ``reference.ragged_paged_attention``.
+Every implementation is ``f(q, kv, md, *, sm_scale, sliding_window=None, soft_cap=None)
+-> [T, NH, D]`` with the semantics of ``reference.ragged_paged_attention``; ``kv`` is one
+layer's pool array ``[P, S, 2*KH, D]`` (the pool is a tuple of them, one per layer).
 
 - ``get_attention("auto")``: the Mosaic GPU kernel on NVIDIA GPUs, the Mosaic TPU kernel on
   TPUs, the jnp reference (its blocked form, the CPU serving path) elsewhere.
@@ -49,16 +50,16 @@ def _gpu_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn
 
     params = plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret else None
 
-    def attention(q, kv_pool, layer, md, **kwargs) -> jax.Array:
-        why = gpu.unsupported_reason(q, kv_pool)
+    def attention(q, kv, md, **kwargs) -> jax.Array:
+        why = gpu.unsupported_reason(q, kv)
         if why is None and not interpret and not _is_hopper():
             why = "needs an sm_90 (Hopper) GPU for wgmma"
         if why is None:
-            return gpu.ragged_paged_attention(q, kv_pool, layer, md, interpret=params, **kwargs)
+            return gpu.ragged_paged_attention(q, kv, md, interpret=params, **kwargs)
         if fallback is None:
             raise NotImplementedError(f"Mosaic GPU attention kernel: {why}")
         _log.warning("Mosaic GPU attention kernel: %s; using the reference attention", why)
-        return fallback(q, kv_pool, layer, md, **kwargs)
+        return fallback(q, kv, md, **kwargs)
 
     return attention
 

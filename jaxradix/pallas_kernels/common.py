@@ -24,9 +24,9 @@ class AttentionShape:
     @staticmethod
     def of(q: jax.Array, kv_pool: jax.Array, md: AttentionMetadata) -> AttentionShape:
         T, NH, D = q.shape
-        if kv_pool.ndim != 5:
-            raise ValueError(f"kv_pool must be [L, P, S, 2*KH, D], got {kv_pool.shape}")
-        _, _, S, KH2, Dk = kv_pool.shape
+        if kv_pool.ndim != 4:
+            raise ValueError(f"kv_pool must be one layer's [P, S, 2*KH, D], got {kv_pool.shape}")
+        _, S, KH2, Dk = kv_pool.shape
         if KH2 % 2 or Dk != D:
             raise ValueError(f"kv_pool {kv_pool.shape} does not match q {q.shape}")
         KH = KH2 // 2

@@ -7,9 +7,9 @@ tokens of this step (they are written to the pool before attention runs). Query 
 sequence b sits at position ``kv_lens[b] - q_len_b + i`` and attends causally to kv
 positions ``<= `` its own (and, with a sliding window W, to positions ``> pos - W``).
 
-KV pool layout, one array for all layers: ``[L, num_pages, page_size, 2 * KH, D]`` with
-K heads at ``[..., :KH, :]`` and V heads at ``[..., KH:, :]``. Page 0 is reserved for
-padding writes and never holds real data. ``page_table[b, p]`` is the pool page that holds
+KV pool layout, one array per layer: ``[num_pages, page_size, 2 * KH, D]`` with K heads at
+``[..., :KH, :]`` and V heads at ``[..., KH:, :]``; every function here takes one layer's array.
+Page 0 is reserved for padding writes and never holds real data. ``page_table[b, p]`` is the pool page that holds
 tokens ``[p * page_size, (p + 1) * page_size)`` of sequence b.
 """
 
@@ -23,8 +23,7 @@ from jaxradix.pallas_kernels.metadata import AttentionMetadata
 
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
-    layer: jax.Array | int,  # scalar int32: which layer of the pool
+    kv: jax.Array,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -32,7 +31,7 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
 ) -> jax.Array:  # [T, NH, D], rows of padding tokens are 0
     T, NH, D = q.shape
-    _, _, S, KH2, _ = kv_pool.shape
+    _, S, KH2, _ = kv.shape
     KH = KH2 // 2
     G = NH // KH
     B, MP = md.page_table.shape
@@ -46,9 +45,8 @@ def ragged_paged_attention(
     kv_len = md.kv_lens[seq]  # [T]
     q_pos = kv_len - q_len + (t - md.cu_q_lens[seq])  # [T]
 
-    layer_kv = jax.lax.dynamic_index_in_dim(kv_pool, layer, axis=0, keepdims=False)
     # Gather every sequence's pages: [B, MP * S, 2*KH, D]
-    seq_kv = layer_kv[md.page_table].reshape(B, MP * S, KH2, D)
+    seq_kv = kv[md.page_table].reshape(B, MP * S, KH2, D)
     k = seq_kv[:, :, :KH, :]  # [B, N, KH, D]
     v = seq_kv[:, :, KH:, :]  # [B, N, KH, D]
 
@@ -73,21 +71,19 @@ def ragged_paged_attention(
 
 
 def write_kv(
-    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
-    layer: jax.Array | int,
+    kv: jax.Array,  # [P, S, 2*KH, D], one layer's pool
     k: jax.Array,  # [T, KH, D]
     v: jax.Array,  # [T, KH, D]
     slot_mapping: jax.Array,  # [T] int32, page * S + offset; padding tokens point into page 0
 ) -> jax.Array:  # the pool, updated in place under donation
-    S = kv_pool.shape[2]
-    kv = jnp.concatenate([k, v], axis=1).astype(kv_pool.dtype)  # [T, 2*KH, D]
-    return kv_pool.at[layer, slot_mapping // S, slot_mapping % S].set(kv)
+    S = kv.shape[1]
+    new = jnp.concatenate([k, v], axis=1).astype(kv.dtype)  # [T, 2*KH, D]
+    return kv.at[slot_mapping // S, slot_mapping % S].set(new)
 
 
 def ragged_paged_attention_blocked(
     q: jax.Array,  # [T, NH, D]
-    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
-    layer: jax.Array | int,
+    kv: jax.Array,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -99,7 +95,7 @@ def ragged_paged_attention_blocked(
     softmax over blocks of KV pages, looping only up to the longest live sequence, so the cost
     follows the real context instead of the page table's width."""
     T, NH, D = q.shape
-    _, _, S, KH2, _ = kv_pool.shape
+    _, S, KH2, _ = kv.shape
     KH = KH2 // 2
     G = NH // KH
     B, MP = md.page_table.shape
@@ -119,8 +115,8 @@ def ragged_paged_attention_blocked(
     def body(i, carry):
         m, l, acc = carry  # [T, KH, G], [T, KH, G], [T, KH, G, D]
         pages = jax.lax.dynamic_slice_in_dim(page_table, i * C, C, axis=1)[seq]  # [T, C]
-        kv = kv_pool[layer, pages].reshape(T, C * S, KH2, D).astype(jnp.float32)  # [T, C*S, 2*KH, D]
-        s = jnp.einsum("tkgd,tnkd->tkgn", qg, kv[:, :, :KH])  # [T, KH, G, C*S]
+        blk = kv[pages].reshape(T, C * S, KH2, D).astype(jnp.float32)  # [T, C*S, 2*KH, D]
+        s = jnp.einsum("tkgd,tnkd->tkgn", qg, blk[:, :, :KH])  # [T, KH, G, C*S]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = i * C * S + jnp.arange(C * S, dtype=jnp.int32)
@@ -133,7 +129,7 @@ def ragged_paged_attention_blocked(
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         l = l * alpha + jnp.sum(p, axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("tkgn,tnkd->tkgd", p, kv[:, :, KH:])
+        acc = acc * alpha[..., None] + jnp.einsum("tkgn,tnkd->tkgd", p, blk[:, :, KH:])
         return m_new, l, acc
 
     n_live = -(-jnp.max(kv_len) // (C * S))

@@ -12,7 +12,7 @@ and writes its normalised partial output and log-sum-exp; a small jnp pass merge
 Data movement. Tile descriptors (sequence, first token, kv range, kv block count) are built
 by the wrapper in jnp and read from GMEM as scalars. The wrapper also gathers each tile's
 query rows into a 64-row-aligned ``[KH, NT*64, D]`` array, TMA-loaded once per CTA. K and V
-pages are TMA-loaded straight from the pool (``pool[layer, page, :, h, :]`` is a strided
+pages are TMA-loaded straight from the layer's pool (``kv[page, :, h, :]`` is a strided
 ``[S, D]`` box; the pool is never copied) into a two-slot ring of 128B-swizzled kv blocks of
 PB pages; block j+1 is in flight while block j is in the tensor cores (wgmma QK^T and PV with
 f32 accumulators in registers, P fed from registers), and only the blocks on the causal edge
@@ -46,9 +46,8 @@ _SEQ, _TOK0, _NTOK, _POS0, _KV_HI, _PAGE_LO, _NBLK, _DESC = range(8)
 def _kernel(
     desc_ref,  # [NT, 8] int32 GMEM tile descriptors
     page_table_ref,  # [B, MP] int32 GMEM
-    layer_ref,  # [1] int32 GMEM
     q_ref,  # [KH, NT*64, D] GMEM, query tiles (64-row aligned for the tiled TMA)
-    kv_ref,  # [L, P, S, 2*KH, D] GMEM pool
+    kv_ref,  # [P, S, 2*KH, D] GMEM, one layer's pool
     o_ref,  # [NS, KH, T*G + 64, D] GMEM partial (final when NS == 1) outputs, rows (t, g)
     lse_ref,  # [NT, NS, KH, 64] f32 GMEM log-sum-exp per tile row (unused when NS == 1)
     q_smem,  # [64, D] SMEM, swizzled
@@ -72,8 +71,8 @@ def _kernel(
     G, PB, NS = group, pages_per_block, num_splits
     assert (p_smem is not None) == interpreted
     _, NB, D = k_smem.shape
-    S = kv_ref.shape[2]
-    KH = kv_ref.shape[3] // 2
+    S = kv_ref.shape[1]
+    KH = kv_ref.shape[2] // 2
     MP = page_table_ref.shape[1]
     tile = lax.axis_index("tile")
     h = lax.axis_index("head")
@@ -89,7 +88,6 @@ def _kernel(
     per_split = (num_blocks + NS - 1) // NS
     j_lo = jnp.minimum(split * per_split, num_blocks)  # this split's kv blocks: [j_lo, j_hi)
     j_hi = jnp.minimum(j_lo + per_split, num_blocks)
-    layer = layer_ref[0]
     last_page = (kv_hi - 1) // S
 
     def fetch(j, slot):
@@ -100,8 +98,8 @@ def _kernel(
             p = jnp.minimum(page_lo + j * PB + i, last_page)
             page = page_table_ref[seq, jnp.minimum(p, MP - 1)]
             rows = pl.ds(i * S, S)
-            k_page = kv_ref.at[layer, page, :, h, :]  # [S, D], strided in the pool
-            v_page = kv_ref.at[layer, page, :, KH + h, :]  # [S, D]
+            k_page = kv_ref.at[page, :, h, :]  # [S, D], strided in the pool
+            v_page = kv_ref.at[page, :, KH + h, :]  # [S, D]
             plgpu.copy_gmem_to_smem(k_page, k_smem.at[slot, rows], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_page, v_smem.at[slot, rows], v_bar.at[slot])
 
@@ -243,12 +241,12 @@ def _tile_descriptors(
 
 def unsupported_reason(q: jax.Array, kv_pool: jax.Array) -> str | None:
     """Why this kernel cannot take these operands (None when it can)."""
-    D, S = q.shape[-1], kv_pool.shape[2]
+    D, S = q.shape[-1], kv_pool.shape[1]
     if kv_pool.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs a bf16 or f16 kv pool (wgmma operands), got {kv_pool.dtype}"
     if D not in (64, 128):
         return f"head dim {D} is not 64 or 128"
-    if q.shape[1] > ROWS * (kv_pool.shape[3] // 2):
+    if q.shape[1] > ROWS * (kv_pool.shape[2] // 2):
         return f"more than {ROWS} query heads per kv head"
     if S % 8:
         return f"page size {S} is not a multiple of 8 (TMA into 8-row swizzled tiles)"
@@ -275,8 +273,7 @@ def default_num_splits(num_tiles: int, kv_heads: int, max_blocks: int) -> int:
 )  # fmt: skip
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
-    layer: jax.Array | int,  # scalar int32
+    kv_pool: jax.Array,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -351,8 +348,7 @@ def ragged_paged_attention(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    o_part, lse = kernel(desc, md.page_table, layer_arr, q_tiles, kv_pool)
+    o_part, lse = kernel(desc, md.page_table, q_tiles, kv_pool)
     o_part = o_part[:, :, : T * G]  # [NS, KH, T*G, D]
 
     if NS == 1:

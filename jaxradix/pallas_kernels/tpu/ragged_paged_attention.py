@@ -9,7 +9,7 @@ kernel walks the kv pages the block's rows can see (causal, and inside the slidi
 in kv blocks of PB pages, keeping an online softmax per row.
 
 Data movement. The KV pool stays in HBM (``memory_space=ANY``); the page table, sequence
-lengths and the layer index are scalar-prefetched into SMEM. Each kv block is PB page DMAs
+lengths are scalar-prefetched into SMEM. Each kv block is PB page DMAs
 of whole pages ``[S, 2*KH, D]`` (all heads, contiguous) into one of two VMEM slots; the DMAs
 of the next kv block, which may belong to the next sequence of the q block, are started
 before the current block is computed, so HBM reads overlap compute across sequence
@@ -51,7 +51,6 @@ class _Span(NamedTuple):
 
 def _kernel(
     # scalar prefetch (SMEM)
-    layer_ref,  # [1]
     cu_q_lens_ref,  # [B+1]
     kv_lens_ref,  # [B]
     page_table_ref,  # [B*MP], row-major page table
@@ -59,7 +58,7 @@ def _kernel(
     seq_hi_ref,  # [NQ] one past the last live sequence that meets q block i
     # inputs
     q_ref,  # [KH, R, D] VMEM block, R = TQ*G
-    kv_hbm_ref,  # [L, P, S, 2*KH, D] HBM
+    kv_hbm_ref,  # [P, S, 2*KH, D] HBM, one layer's pool
     # outputs
     o_ref,  # [KH, R, D] VMEM block
     # scratch
@@ -78,13 +77,12 @@ def _kernel(
     pages_per_seq: int,
 ):
     KH, R, D = q_ref.shape
-    S = kv_hbm_ref.shape[2]
+    S = kv_hbm_ref.shape[1]
     TQ, PB, G, MP = tokens_per_block, pages_per_block, group, pages_per_seq
     NB = PB * S  # kv tokens per kv block
     i = pl.program_id(0)
     blk_start = i * TQ  # first token of this q block
     hi = seq_hi_ref[i]
-    layer = layer_ref[0]
 
     def seq_span(b):
         """Scalars of sequence b as seen by this q block."""
@@ -115,7 +113,7 @@ def _kernel(
     def page_copy(b, p, i_page, slot):
         page = page_table_ref[b * MP + jnp.minimum(p, MP - 1)]
         return pltpu.make_async_copy(
-            kv_hbm_ref.at[layer, page],  # [S, 2*KH, D]
+            kv_hbm_ref.at[page],  # [S, 2*KH, D]
             kv_buf.at[slot, pl.ds(i_page * S, S)],  # [S, 2*KH, D]
             sems.at[slot],
         )
@@ -243,8 +241,7 @@ def default_block_sizes(shape: AttentionShape) -> tuple[int, int]:
 )  # fmt: skip
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv_pool: jax.Array,  # [L, P, S, 2*KH, D]
-    layer: jax.Array | int,  # scalar int32
+    kv_pool: jax.Array,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -279,7 +276,6 @@ def ragged_paged_attention(
     seq_lo = jnp.searchsorted(ends, blk_first, side="right").astype(jnp.int32)  # [NQ]
     seq_hi = jnp.searchsorted(ends, blk_first + tq - 1, side="right").astype(jnp.int32) + 1  # [NQ]
     seq_hi = jnp.minimum(seq_hi, md.num_seqs[0])  # [NQ]
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)  # [1]
 
     kernel = functools.partial(
         _kernel,
@@ -296,7 +292,7 @@ def ragged_paged_attention(
         kernel,
         out_shape=jax.ShapeDtypeStruct((KH, T_pad * G, D), q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=6,
+            num_scalar_prefetch=5,
             grid=(NQ,),
             in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=q_spec,
@@ -313,7 +309,6 @@ def ragged_paged_attention(
         interpret=interpret,
         name="ragged_paged_attention_tpu",
     )(
-        layer_arr,
         md.cu_q_lens,
         md.kv_lens,
         md.page_table.reshape(-1),
