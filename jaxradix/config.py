@@ -10,6 +10,7 @@ from typing import Any
 SCHEDULE_POLICIES = ("lpm", "fcfs", "dfs-weight")
 ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 GRAMMAR_BACKENDS = ("llguidance", "none")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
 
 
 def default_cache_dir() -> str:
@@ -21,7 +22,8 @@ def default_cache_dir() -> str:
 class EngineConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
     load_format: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: the checkpoint's dtype; f32 checkpoints and GGUF serve in bf16 on GPU/TPU
+    kv_cache_dtype: str = "auto"  # auto: the weights' dtype
     context_length: int | None = None  # None: the model's max_position_embeddings (capped by the pool)
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; None: mem_fraction_static of free memory
@@ -56,6 +58,7 @@ class EngineConfig:
         check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
               f"must be one of {ATTENTION_BACKENDS}")
         check(self.grammar_backend in GRAMMAR_BACKENDS, "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}")
+        check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
         check(self.context_length is None or self.context_length >= 16, "context_length", "must be >= 16")
 
     @classmethod

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from jaxradix.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, SCHEDULE_POLICIES, EngineConfig
+from jaxradix.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, KV_CACHE_DTYPES, SCHEDULE_POLICIES, EngineConfig
 
 logger = logging.getLogger("jaxradix.server")
 
@@ -25,7 +25,8 @@ ENGINE_FLAGS = {
     "max_total_tokens": "max_total_tokens", "max_running_requests": "max_running_requests",
     "chunked_prefill_size": "chunked_prefill_size", "page_size": "page_size",
     "schedule_policy": "schedule_policy", "load_format": "load_format", "context_length": "context_length",
-    "dtype": "dtype", "attention_backend": "attention_backend", "grammar_backend": "grammar_backend",
+    "dtype": "dtype", "kv_cache_dtype": "kv_cache_dtype", "attention_backend": "attention_backend",
+    "grammar_backend": "grammar_backend",
     "random_seed": "random_seed", "log_level": "log_level",
 }
 
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--disable-radix-cache", action="store_true")
     eng.add_argument("--load-format", default=None, help="auto, safetensors, gguf, orbax or dummy")
     eng.add_argument("--context-length", type=int, default=None)
-    eng.add_argument("--dtype", default=None)
+    eng.add_argument("--dtype", default=None, help="weights: auto (the checkpoint's; f32 and GGUF become bfloat16 "
+                     "on GPU/TPU), bfloat16, float16 or float32")
+    eng.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                     help="KV pool dtype (auto: the weights' dtype)")
     eng.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
     eng.add_argument("--grammar-backend", default=None, choices=GRAMMAR_BACKENDS)
     eng.add_argument("--random-seed", type=int, default=None)

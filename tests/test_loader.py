@@ -74,3 +74,34 @@ def test_bad_inputs_name_the_problem(tmp_path):
     shutil.copy(DATA / "tiny_qwen2" / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="has shape"):
         load_model(tmp_path, progress=False)
+
+
+def test_dtype_defaults_per_platform():
+    """auto: the checkpoint's dtype, but f32 (and GGUF, which names none) becomes bf16 on GPU/TPU."""
+    from jaxradix.config import EngineConfig
+    from jaxradix.models.loader import resolve_dtype
+
+    f32, bf16 = jax.numpy.float32, jax.numpy.bfloat16
+    assert resolve_dtype("auto", {}, "float32", platform="cpu") == f32  # the embedded GGUF on CPU
+    assert resolve_dtype("auto", {}, "float32", platform="gpu") == bf16
+    assert resolve_dtype("auto", {"torch_dtype": "float32"}, platform="tpu") == bf16
+    assert resolve_dtype("auto", {"torch_dtype": "float16"}, platform="gpu") == jax.numpy.float16
+    assert resolve_dtype("float32", {}, platform="gpu") == f32  # an explicit dtype is obeyed
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
+
+
+def test_kv_cache_dtype_separate_from_weights():
+    from conftest import get_engine
+
+    from jaxradix import SamplingParams
+
+    engine = get_engine(model_path=str(DATA / "tiny_llama3"), kv_cache_dtype="bfloat16")
+    assert engine.loaded.model.dtype == jax.numpy.float32
+    assert {a.dtype for a in engine.pool.kv} == {jax.numpy.dtype("bfloat16")}
+    ref = np.load(DATA / "tiny_llama3" / "reference.npz")
+    n0 = int(ref["greedy_prompt_len"])
+    out = engine.generate(input_ids=[int(t) for t in ref["input_ids"][:n0]],
+                          sampling_params=SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    assert len(out["output_ids"]) == 4
+    assert {a.dtype for a in engine.pool.kv} == {jax.numpy.dtype("bfloat16")}  # the step kept the pool's dtype

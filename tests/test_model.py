@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from model_utils import paged_logits, random_model
@@ -40,3 +42,45 @@ def test_bad_configs_name_the_problem():
         ModelConfig.from_hf(TINY | {"num_key_value_heads": 3})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         ModelConfig.from_hf(TINY | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+_COPY_OPS = ("dynamic-slice", "slice", "copy", "transpose", "gather")
+
+
+def _weight_shaped_copies(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
+    """Instructions of compiled HLO that produce an array of a weight matrix's shape (leading
+    1-dims dropped) by slicing, copying, transposing or gathering: a materialised weight slice."""
+    found = []
+    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* (" + "|".join(_COPY_OPS) + r")\(", hlo):
+        dims = tuple(int(d) for d in m.group(1).split(",") if d)
+        while dims and dims[0] == 1:
+            dims = dims[1:]
+        if dims in shapes:
+            found.append(m.group(0))
+    return found
+
+
+def test_step_reads_weights_in_place(model):
+    """The compiled serving step never materialises a copy or slice of a layer weight (a scan over
+    stacked weights did: XLA dynamic-sliced each layer's matrices out of the stack every step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxradix.cache.page_pool import PagePool
+    from jaxradix.engine.batch import Buckets
+    from jaxradix.engine.model_runner import ModelRunner
+    from jaxradix.models.llama import layer_param_shapes
+
+    cfg = model.cfg
+    shapes = {s for s in layer_param_shapes(cfg).values() if len(s) == 2}
+    # The detector sees the copies a scan over stacked weights makes (control: must find them).
+    stacked = jnp.zeros((cfg.num_layers, *layer_param_shapes(cfg)["wqkv"]), jnp.float32)
+    scan = jax.jit(lambda x, w: jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl[:, :64]), None), x, w)[0])
+    control = scan.lower(jnp.zeros((8, 64), jnp.float32), stacked).compile().as_text()
+    assert _weight_shaped_copies(control, shapes), "the detector no longer sees scan weight slices"
+
+    pool = PagePool(cfg, 256, 16, jnp.float32)
+    runner = ModelRunner(model, pool, Buckets(4, 16), 16, 4, 256, ragged_paged_attention_blocked)
+    for bucket in (runner.buckets.all()[0], runner.buckets.all()[-1]):  # decode B=1, a mixed token bucket
+        hlo = runner._compile(bucket, False).as_text()
+        assert not _weight_shaped_copies(hlo, shapes), bucket

@@ -66,7 +66,7 @@ class Engine:
         self.loaded = load_model(model_path, load_format=cfg.load_format, dtype=cfg.dtype, seed=cfg.random_seed)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        dtype = self.loaded.model.dtype
+        dtype = self.loaded.model.dtype if cfg.kv_cache_dtype == "auto" else jax.numpy.dtype(cfg.kv_cache_dtype)
         tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static)
         self.pool = PagePool(mc, tokens, cfg.page_size, dtype)
         self.context_len = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings,

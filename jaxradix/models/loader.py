@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ACCELERATOR_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 ORBAX_MARKER = "jaxradix_orbax.json"
 
 # HF name (with the layer number removed) -> (parameter, transpose, part of a fused parameter)
@@ -67,9 +68,15 @@ class LoadedModel:
     load_seconds: float
 
 
-def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32") -> Any:
+def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32",
+                  platform: str | None = None) -> Any:
+    """The weight dtype. "auto": the checkpoint's own dtype (`default` when it names none, e.g. GGUF),
+    except that an f32 checkpoint serves in bf16 on an accelerator (half the bytes per step, and the
+    Mosaic GPU attention kernel needs a 16-bit KV pool); an explicit dtype is always taken as is."""
     if dtype == "auto":
         dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or default
+        if dtype == "float32" and (platform or jax.default_backend()) in ACCELERATOR_PLATFORMS:
+            dtype = "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
