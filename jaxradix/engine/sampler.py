@@ -31,9 +31,11 @@ class SamplingMetadata:
     step: jax.Array  # [B] int32, index of the token being sampled (output length so far)
     slot: jax.Array  # [B] int32, request slot: row of the per-slot state
     use_state: jax.Array  # [B] bool, read penalties/bias from the state and count the sampled token
+    keep: jax.Array  # [B] bool, the row's token is kept: stored as its slot's last token
     grammar_mask: jax.Array  # [B, ceil(V/32)] uint32 packed allowed-token bits (all ones = free)
     needs_filter: jax.Array  # [] bool, any row uses top-k/top-p/min-p
     needs_top_logprobs: jax.Array  # [] bool, any row asks for top logprobs
+    needs_state: jax.Array  # [] bool, any row reads the per-slot state
 
 
 @jax.tree_util.register_dataclass
@@ -44,11 +46,21 @@ class SamplerState:
     counts: jax.Array  # [R, V] int32, occurrences of each token in the output so far
     seen: jax.Array  # [R, V] bool, token occurs in prompt or output (repetition penalty)
     bias: jax.Array  # [R, V] f32, logit bias
+    last: jax.Array  # [R] int32, the token most recently sampled for each slot (the next step's input)
 
     @staticmethod
     def zeros(num_slots: int, vocab: int) -> SamplerState:
         return SamplerState(jnp.zeros((num_slots, vocab), jnp.int32), jnp.zeros((num_slots, vocab), bool),
-                            jnp.zeros((num_slots, vocab), jnp.float32))
+                            jnp.zeros((num_slots, vocab), jnp.float32), jnp.zeros(num_slots, jnp.int32))
+
+
+def resolve_input_ids(
+    input_ids: jax.Array,  # [T] int32
+    from_slot: jax.Array,  # [T] int32, >= 0: take the last token sampled for that slot
+    state: SamplerState,
+) -> jax.Array:  # [T] int32
+    """Overlap scheduling: a decode row's input can be the token the previous step left on the device."""
+    return jnp.where(from_slot >= 0, state.last[jnp.maximum(from_slot, 0)], input_ids)
 
 
 @jax.tree_util.register_dataclass
@@ -81,7 +93,7 @@ def init_slot(
     seen = scatter(prompt_ids, jnp.ones_like(prompt_ids), jnp.zeros(V, jnp.int32), add=False) > 0
     bias = scatter(bias_ids, bias_values, jnp.zeros(V, jnp.float32), add=False)
     return SamplerState(state.counts.at[slot].set(counts), state.seen.at[slot].set(seen | (counts > 0)),
-                        state.bias.at[slot].set(bias))
+                        state.bias.at[slot].set(bias), state.last)
 
 
 def unpack_mask(packed: jax.Array, vocab: int) -> jax.Array:  # [B, W] uint32 -> [B, V] bool
@@ -97,14 +109,17 @@ def sample(
     B, V = logits.shape
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
 
-    use = md.use_state[:, None]
-    counts = state.counts[md.slot]  # [B, V]
-    seen = state.seen[md.slot]  # [B, V]
-    x = logits + jnp.where(use, state.bias[md.slot], 0.0)
-    rep = md.repetition_penalty[:, None]
-    x = jnp.where(use & seen, jnp.where(x > 0, x / rep, x * rep), x)
-    x = x - jnp.where(use, md.frequency_penalty[:, None] * counts
-                      + md.presence_penalty[:, None] * (counts > 0), 0.0)
+    def penalize(x: jax.Array) -> jax.Array:  # reads [B, V] of state: only when a row asks for it
+        use = md.use_state[:, None]
+        counts = state.counts[md.slot]  # [B, V]
+        seen = state.seen[md.slot]  # [B, V]
+        x = x + jnp.where(use, state.bias[md.slot], 0.0)
+        rep = md.repetition_penalty[:, None]
+        x = jnp.where(use & seen, jnp.where(x > 0, x / rep, x * rep), x)
+        return x - jnp.where(use, md.frequency_penalty[:, None] * counts
+                             + md.presence_penalty[:, None] * (counts > 0), 0.0)
+
+    x = jax.lax.cond(md.needs_state, penalize, lambda x: x, logits)
     x = jnp.where(unpack_mask(md.grammar_mask, V), x, -jnp.inf)
 
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B]
@@ -139,10 +154,12 @@ def sample(
         md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
         lambda lp: (jnp.zeros((B, K), lp.dtype), jnp.zeros((B, K), jnp.int32)), raw_logprobs)
 
+    R = state.last.shape[0]
     add = md.use_state.astype(jnp.int32)
     new_state = SamplerState(
         counts=state.counts.at[md.slot, tokens].add(add),
         seen=state.seen.at[md.slot, tokens].max(md.use_state),
         bias=state.bias,
+        last=state.last.at[jnp.where(md.keep, md.slot, R)].set(tokens, mode="drop"),
     )
     return SampleOutput(tokens, logprobs, top_ids.astype(jnp.int32), top_lp), new_state
