@@ -120,7 +120,8 @@ class Engine:
         # gap_seconds: device idle time between consecutive steps as the host saw it (an upper bound)
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "requests": 0,
                       "steps": 0, "decode_steps": 0, "retractions": 0,
-                      "prefill_tokens": 0, "max_running": 0, "host_seconds": 0.0, "gap_seconds": 0.0,
+                      "prefill_tokens": 0, "max_running": 0, "overlapped_steps": 0,
+                      "host_seconds": 0.0, "gap_seconds": 0.0,
                       "decode_host_seconds": 0.0, "decode_gap_seconds": 0.0}
         self._last_log = (time.perf_counter(), 0)
         self.compile_seconds = self.runner.precompile() if cfg.precompile else 0.0
@@ -445,6 +446,7 @@ class Engine:
         self._last = launched = _Launched(rows, step, decode, time.perf_counter() - t_host, gap,
                                           seen_running=time.perf_counter())
         self.stats["steps"] += 1
+        self.stats["overlapped_steps"] += prev is not None  # launched before the previous step was read
         self.stats["prefill_tokens"] += res.new_tokens
         self.stats["max_running"] = max(self.stats["max_running"], len(sched.running))
         if not decode:
