@@ -41,6 +41,7 @@ class EngineConfig:
     new_token_ratio: float = 0.7  # share of max_new_tokens reserved for running requests at admission
     min_new_token_ratio: float = 0.15
     stream_interval: int = 1
+    disable_overlap_schedule: bool = False  # schedule step N+1 only after reading step N's results
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--page-size", type=int, default=None)
     eng.add_argument("--schedule-policy", default=None, choices=SCHEDULE_POLICIES)
     eng.add_argument("--disable-radix-cache", action="store_true")
+    eng.add_argument("--disable-overlap-schedule", action="store_true",
+                     help="read each step's results before scheduling the next (no host/device overlap)")
     eng.add_argument("--load-format", default=None, help="auto, safetensors, gguf, orbax or dummy")
     eng.add_argument("--context-length", type=int, default=None)
     eng.add_argument("--dtype", default=None, help="weights: auto (the checkpoint's; f32 and GGUF become bfloat16 "
@@ -69,6 +71,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = {field: getattr(args, dest) for dest, field in ENGINE_FLAGS.items() if getattr(args, dest) is not None}
     if args.disable_radix_cache:
         kw["disable_radix_cache"] = True
+    if args.disable_overlap_schedule:
+        kw["disable_overlap_schedule"] = True
     return kw
 
 

@@ -21,6 +21,7 @@ from jaxradix.pallas_kernels.metadata import AttentionMetadata
 @dataclass(frozen=True)
 class StepInput:
     input_ids: jax.Array  # [T] int32
+    input_from_slot: jax.Array  # [T] int32, >= 0: the input is the token last sampled for this request slot
     positions: jax.Array  # [T] int32
     slot_mapping: jax.Array  # [T] int32, pool slot (page * S + offset) where each token's K/V goes
     attn: AttentionMetadata
@@ -78,6 +79,7 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
     """Numpy arrays for one step; grammar_masks is [len(rows), mask_words] uint32 or None."""
     T, B = bucket.tokens, bucket.rows
     input_ids = np.zeros(T, np.int32)
+    from_slot = np.full(T, -1, np.int32)
     positions = np.zeros(T, np.int32)
     slot_mapping = np.zeros(T, np.int32)  # padding -> page 0
     lp_targets = np.full(T, -1, np.int32)
@@ -95,9 +97,11 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
     seed = np.zeros(B, np.uint32)
     step = np.zeros(B, np.int32)
     slot = np.zeros(B, np.int32)
+    keep = np.zeros(B, bool)
     use_state = np.zeros(B, bool)
     mask = np.full((B, mask_words), 0xFFFFFFFF, np.uint32)
     needs_filter = False
+    needs_state = False
     needs_top = False
 
     t = 0
@@ -105,7 +109,9 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
         r, p = row.req, row.req.params
         n_prompt = len(r.prompt_ids)
         end = row.start + row.n
-        if row.n == 1 and row.start >= n_prompt:
+        if row.n == 1 and row.start >= r.seq_len:  # overlap: the token is still on the device
+            from_slot[t] = r.slot
+        elif row.n == 1 and row.start >= n_prompt:
             input_ids[t] = r.output_ids[row.start - n_prompt]
         else:
             input_ids[t:t + row.n] = (r.prompt_ids[row.start:end] if end <= n_prompt
@@ -124,23 +130,25 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
         top_p[b], top_k[b], min_p[b] = p.top_p, max(p.top_k, 0), p.min_p
         freq[b], pres[b], rep[b] = p.frequency_penalty, p.presence_penalty, p.repetition_penalty
         seed[b] = r.seed & 0xFFFFFFFF
-        step[b] = len(r.output_ids)
+        step[b] = len(r.output_ids) + r.pending
         slot[b] = r.slot
+        keep[b] = row.samples
         use_state[b] = p.needs_state and row.samples
         needs_filter |= temperature[b] > 0 and (top_k[b] > 0 or top_p[b] < 1 or min_p[b] > 0)
         needs_top |= r.logprobs.top_logprobs_num > 0
+        needs_state |= bool(use_state[b])
         if grammar_masks is not None:
             mask[b] = grammar_masks[b]
     cu[len(rows) + 1:] = t
     return StepInput(
-        input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+        input_ids=input_ids, input_from_slot=from_slot, positions=positions, slot_mapping=slot_mapping,
         attn=AttentionMetadata(cu_q_lens=cu, kv_lens=kv_lens, page_table=page_table,
                                num_seqs=np.array([len(rows)], np.int32)),
         logits_indices=logits_idx,
         sampling=SamplingMetadata(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=freq,
             presence_penalty=pres, repetition_penalty=rep, seed=seed, step=step, slot=slot,
-            use_state=use_state, grammar_mask=mask, needs_filter=np.array(needs_filter),
-            needs_top_logprobs=np.array(needs_top)),
+            use_state=use_state, keep=keep, grammar_mask=mask, needs_filter=np.array(needs_filter),
+            needs_top_logprobs=np.array(needs_top), needs_state=np.array(needs_state)),
         lp_targets=lp_targets,
     )

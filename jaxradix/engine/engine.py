@@ -23,8 +23,8 @@ import numpy as np
 from jaxradix.cache.page_pool import PagePool, pool_tokens
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.config import EngineConfig
-from jaxradix.engine.batch import Buckets, build_step
-from jaxradix.engine.model_runner import ModelRunner, StepResult, enable_compilation_cache
+from jaxradix.engine.batch import Buckets, Row, build_step
+from jaxradix.engine.model_runner import LaunchedStep, ModelRunner, StepResult, enable_compilation_cache
 from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
 
@@ -51,6 +51,26 @@ class _Handle:
             self.loop.call_soon_threadsafe(self.aevents.put_nowait, out)
         else:
             self.events.put(out)
+
+
+@dataclass
+class _Launched:
+    """A step on the device whose results the host has not read yet."""
+
+    rows: list[Row]
+    step: LaunchedStep
+    decode: bool  # decode rows only
+    host_seconds: float  # host time spent on this step: scheduling, batch building, dispatch, then reading
+    gap_seconds: float  # device idle time before it, as the host saw it (an upper bound)
+    seen_running: float = 0.0  # the last time the host saw the device still running this step
+    ended: bool = False
+
+    def poll(self) -> None:
+        if not self.ended:
+            if self.step.done():
+                self.ended = True
+            else:
+                self.seen_running = time.perf_counter()
 
 
 class Engine:
@@ -92,9 +112,17 @@ class Engine:
         self._handles: dict[str, _Handle] = {}
         self._wake = threading.Event()
         self._stopped = False
+        self.overlap = not cfg.disable_overlap_schedule
+        self._inflight: _Launched | None = None  # overlap: the step the device runs while the host plans
+        self._last: _Launched | None = None  # the last step launched, for the gap between device steps
+        self._exhausted: list[Request] = []  # out of KV while a token is on the device: finish once read
+        # host_seconds: scheduling + batch building + dispatch + reading results, per step;
+        # gap_seconds: device idle time between consecutive steps as the host saw it (an upper bound)
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "requests": 0,
                       "steps": 0, "decode_steps": 0, "retractions": 0,
-                      "prefill_tokens": 0, "max_running": 0, "decode_host_seconds": 0.0}
+                      "prefill_tokens": 0, "max_running": 0, "overlapped_steps": 0,
+                      "host_seconds": 0.0, "gap_seconds": 0.0,
+                      "decode_host_seconds": 0.0, "decode_gap_seconds": 0.0}
         self._last_log = (time.perf_counter(), 0)
         self.compile_seconds = self.runner.precompile() if cfg.precompile else 0.0
         logger.info("engine ready: %s, %d KV tokens, context %d, backend %s", self.loaded.source,
@@ -152,7 +180,7 @@ class Engine:
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
-        while not self._command(lambda: self.scheduler.idle and self._inbox.empty()):
+        while not self._command(lambda: self._idle() and self._inbox.empty()):
             if time.monotonic() > end:
                 raise TimeoutError("engine did not become idle")
             time.sleep(0.01)
@@ -307,9 +335,12 @@ class Engine:
         return fut.result() if wait else None
 
     # == the loop ==================================================================================
+    def _idle(self) -> bool:
+        return self.scheduler.idle and self._inflight is None
+
     def _loop(self) -> None:
         while True:
-            idle = self.scheduler.idle
+            idle = self._idle()
             try:
                 item = self._inbox.get(timeout=0.05) if idle else self._inbox.get_nowait()
             except queue.Empty:
@@ -323,7 +354,7 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = ()
-            if self.scheduler.idle:
+            if self._idle():
                 continue
             try:
                 self._step()
@@ -344,17 +375,48 @@ class Engine:
                 fut.set_exception(e)
 
     def _step(self) -> None:
+        """One turn of the loop: launch the next step, then read the previous one.
+
+        With overlap the host schedules and builds step N+1 while the device runs step N: rows whose
+        input is the unread token N take it from the device (SamplerState.last), and the host reads
+        step N's results after launching N+1, one step late. A request that step N finishes has one
+        wasted row in step N+1, whose token is dropped. Constrained rows need token N for their mask,
+        so a step with one waits for the previous step first.
+        """
+        prev = self._inflight
+        if prev is not None and self._must_wait():
+            self._inflight = None
+            self._complete(prev)
+            prev = None
+        launched = self._launch(prev)
+        self._inflight = None
+        if prev is not None:
+            self._complete(prev)
+        if launched is None:
+            self._last = None  # the device goes idle for lack of work: not a gap
+        elif self.overlap:
+            self._inflight = launched
+        else:
+            self._complete(launched)
+
+    def _must_wait(self) -> bool:
+        return any(r.grammar is not None and r.pending for r in self.scheduler.running)
+
+    def _launch(self, prev: _Launched | None) -> _Launched | None:
         sched = self.scheduler
         t_host = time.perf_counter()
         res = sched.schedule()
         self.stats["retractions"] += len(res.retracted)
         for req in res.exhausted:
-            self._finish(req, FinishReason.LENGTH, "kv pool exhausted")
+            if req.pending:
+                self._exhausted.append(req)
+            else:
+                self._finish(req, FinishReason.LENGTH, "kv pool exhausted")
         rows = [r for r in res.rows if r.req.slot >= 0]
         if not rows:
-            if sched.waiting and not sched.running:
+            if sched.waiting and not sched.running and prev is None:
                 raise RuntimeError("scheduler admitted nothing while idle")
-            return
+            return None
         for row in rows:
             if row.new and row.req.params.needs_state:
                 r = row.req
@@ -366,25 +428,54 @@ class Engine:
             masks = np.full((len(rows), self.runner.mask_words), 0xFFFFFFFF, np.uint32)
             for i, r in enumerate(rows):
                 if r.req.grammar is not None and r.samples:
+                    assert not r.req.pending, "a grammar mask needs every sampled token read"
                     r.req.grammar.fill_mask(masks[i])
         inp = build_step(rows, bucket, self.pool.page_size, self.runner.max_pages, self.runner.mask_words, masks)
         want_lp = any(r.prompt_logprobs for r in rows)
-        host_seconds = time.perf_counter() - t_host  # scheduling + batch building
-        result = self.runner.step(inp, bucket, want_lp)
+        gap = 0.0
+        if self._last is not None:
+            self._last.poll()
+            if self._last.ended:
+                gap = time.perf_counter() - self._last.seen_running
+        step = self.runner.launch(inp, bucket, want_lp)
         sched.after_step(rows)
+        for row in rows:
+            if row.samples:
+                row.req.pending += 1
+        decode = not (res.new_seqs or res.new_tokens)
+        self._last = launched = _Launched(rows, step, decode, time.perf_counter() - t_host, gap,
+                                          seen_running=time.perf_counter())
         self.stats["steps"] += 1
+        self.stats["overlapped_steps"] += prev is not None  # launched before the previous step was read
         self.stats["prefill_tokens"] += res.new_tokens
         self.stats["max_running"] = max(self.stats["max_running"], len(sched.running))
-        self._process(rows, result, inp)
-        if res.new_seqs or res.new_tokens:
+        if not decode:
             self._log_prefill(res)
         else:
             self.stats["decode_steps"] += 1
-            self.stats["decode_host_seconds"] += host_seconds
             if self.stats["decode_steps"] % self.config.decode_log_interval == 0:
                 self._log_decode()
+        return launched
 
-    def _process(self, rows: list, result: StepResult, inp: Any) -> None:
+    def _complete(self, launched: _Launched) -> None:
+        """Wait for a launched step, then append its tokens and check stops (the host's part of it)."""
+        launched.poll()
+        result = launched.step.result()
+        t_ready = time.perf_counter()
+        if not launched.ended:  # we waited for it: it ended just now
+            launched.ended, launched.seen_running = True, t_ready
+        self._process(launched.rows, result)
+        for req in self._exhausted:
+            self._finish(req, FinishReason.LENGTH, "kv pool exhausted")
+        self._exhausted.clear()
+        host = launched.host_seconds + time.perf_counter() - t_ready
+        self.stats["host_seconds"] += host
+        self.stats["gap_seconds"] += launched.gap_seconds
+        if launched.decode:
+            self.stats["decode_host_seconds"] += host
+            self.stats["decode_gap_seconds"] += launched.gap_seconds
+
+    def _process(self, rows: list[Row], result: StepResult) -> None:
         t = 0
         for b, row in enumerate(rows):
             req = row.req
@@ -392,6 +483,8 @@ class Engine:
             if row.prompt_logprobs and result.prompt is not None:
                 self._record_prompt_logprobs(req, row, result, t)
             t += row.n
+            if row.samples:
+                req.pending -= 1
             if not row.samples or req.finished or h is None:
                 continue
             if req.first_token_time is None:
@@ -476,6 +569,8 @@ class Engine:
             self._finish(req, FinishReason.ABORT)
 
     def _fail_all(self, why: str) -> None:
+        self._inflight = self._last = None  # its results belong to the requests failed here
+        self._exhausted.clear()
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             h = self._handles.get(req.rid)
             if h is not None:
@@ -510,7 +605,7 @@ class Engine:
 
     # == commands run on the loop thread ==========================================================
     def _flush(self) -> bool:
-        if not self.scheduler.idle:
+        if not self._idle():
             return False
         self.tree.reset()
         self.pool.reset()

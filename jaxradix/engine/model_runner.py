@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from jaxradix.cache.page_pool import PagePool
 from jaxradix.engine.batch import Bucket, Buckets, StepInput
 from jaxradix.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
-from jaxradix.engine.sampler import SampleOutput, SamplerState, init_slot, sample
+from jaxradix.engine.sampler import SampleOutput, SamplerState, init_slot, resolve_input_ids, sample
 from jaxradix.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,25 @@ class StepResult:
     top_ids: np.ndarray  # [B, K]
     top_logprobs: np.ndarray  # [B, K]
     prompt: PromptLogprobs | None  # numpy leaves, only for prompt-logprob steps
+
+
+class LaunchedStep:
+    """A step dispatched to the device: its outputs stay there until result() copies them to the host."""
+
+    def __init__(self, out: SampleOutput, extra: PromptLogprobs | None):
+        self._out, self._extra = out, extra
+        for leaf in jax.tree.leaves((out, extra)):
+            leaf.copy_to_host_async()  # the copy starts as soon as the step ends
+
+    def done(self) -> bool:
+        """Whether the device has finished the step (never blocks)."""
+        return self._out.tokens.is_ready()
+
+    def result(self) -> StepResult:
+        """Wait for the step and return host copies of its outputs."""
+        out = jax.device_get(self._out)
+        extra = jax.device_get(self._extra) if self._extra is not None else None
+        return StepResult(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, extra)
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -74,7 +93,8 @@ class ModelRunner:
               prompt_logprobs: bool) -> tuple[tuple[jax.Array, ...], SamplerState, SampleOutput,
                                                PromptLogprobs | None]:
         model = nnx.merge(self.graphdef, params)
-        hidden, kv = model(inp.input_ids, inp.positions, inp.slot_mapping, kv, inp.attn, self.attention_fn)
+        input_ids = resolve_input_ids(inp.input_ids, inp.input_from_slot, state)  # [T]
+        hidden, kv = model(input_ids, inp.positions, inp.slot_mapping, kv, inp.attn, self.attention_fn)
         logits = model.logits(hidden[inp.logits_indices])  # [B, V]
         out, state = sample(logits, inp.sampling, state)
         extra = None
@@ -138,13 +158,17 @@ class ModelRunner:
             bv[:len(logit_bias)] = list(logit_bias.values())
         self.state = self._slot_fn()(self.state, np.int32(slot), p, o, bi, bv)
 
-    def step(self, inp: StepInput, bucket: Bucket, prompt_logprobs: bool = False) -> StepResult:
+    def launch(self, inp: StepInput, bucket: Bucket, prompt_logprobs: bool = False) -> LaunchedStep:
+        """Dispatch one step without waiting for it. The sampled tokens also stay on the device, where
+        the next step reads them (StepInput.input_from_slot), so the host may read them a step late."""
         fn = self._get(bucket, prompt_logprobs)
         kv, self.state, out, extra = fn(self.params, self.pool.kv, self.state, inp)
         self.pool.kv = kv
-        out = jax.device_get(out)
-        return StepResult(out.tokens, out.logprobs, out.top_ids, out.top_logprobs,
-                          jax.device_get(extra) if extra is not None else None)
+        return LaunchedStep(out, extra)
+
+    def step(self, inp: StepInput, bucket: Bucket, prompt_logprobs: bool = False) -> StepResult:
+        """Launch a step and wait for its outputs."""
+        return self.launch(inp, bucket, prompt_logprobs).result()
 
     def reset_state(self) -> None:
         self.state = SamplerState.zeros(*self.state.counts.shape)

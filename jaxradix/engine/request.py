@@ -162,7 +162,8 @@ class Request:
     # scheduler state, valid while running
     slot: int = -1  # request slot (row of the sampler's device state)
     pages: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # pool pages of this request
-    kv_len: int = 0  # tokens whose K/V is in the pool
+    kv_len: int = 0  # tokens whose K/V is in the pool (or is being written by a launched step)
+    pending: int = 0  # tokens sampled by launched steps that the host has not read yet (overlap)
     prefix_len: int = 0  # leading tokens owned by the radix tree (locked via last_node)
     last_node: Any = None
     admitted_once: bool = False
@@ -176,6 +177,16 @@ class Request:
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def known_len(self) -> int:
+        """seq_len plus the sampled tokens still on the device."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def will_finish(self) -> bool:
+        """Its pending tokens reach max_new_tokens: no further step is needed."""
+        return self.pending > 0 and len(self.output_ids) + self.pending >= self.params.max_new_tokens
 
     @property
     def finished(self) -> bool:

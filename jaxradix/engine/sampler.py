@@ -9,6 +9,7 @@ and temperature), as vLLM and SGLang report by default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -31,9 +32,11 @@ class SamplingMetadata:
     step: jax.Array  # [B] int32, index of the token being sampled (output length so far)
     slot: jax.Array  # [B] int32, request slot: row of the per-slot state
     use_state: jax.Array  # [B] bool, read penalties/bias from the state and count the sampled token
+    keep: jax.Array  # [B] bool, the row's token is kept: stored as its slot's last token
     grammar_mask: jax.Array  # [B, ceil(V/32)] uint32 packed allowed-token bits (all ones = free)
     needs_filter: jax.Array  # [] bool, any row uses top-k/top-p/min-p
     needs_top_logprobs: jax.Array  # [] bool, any row asks for top logprobs
+    needs_state: jax.Array  # [] bool, any row reads the per-slot state
 
 
 @jax.tree_util.register_dataclass
@@ -44,11 +47,21 @@ class SamplerState:
     counts: jax.Array  # [R, V] int32, occurrences of each token in the output so far
     seen: jax.Array  # [R, V] bool, token occurs in prompt or output (repetition penalty)
     bias: jax.Array  # [R, V] f32, logit bias
+    last: jax.Array  # [R] int32, the token most recently sampled for each slot (the next step's input)
 
     @staticmethod
     def zeros(num_slots: int, vocab: int) -> SamplerState:
         return SamplerState(jnp.zeros((num_slots, vocab), jnp.int32), jnp.zeros((num_slots, vocab), bool),
-                            jnp.zeros((num_slots, vocab), jnp.float32))
+                            jnp.zeros((num_slots, vocab), jnp.float32), jnp.zeros(num_slots, jnp.int32))
+
+
+def resolve_input_ids(
+    input_ids: jax.Array,  # [T] int32
+    from_slot: jax.Array,  # [T] int32, >= 0: take the last token sampled for that slot
+    state: SamplerState,
+) -> jax.Array:  # [T] int32
+    """Overlap scheduling: a decode row's input can be the token the previous step left on the device."""
+    return jnp.where(from_slot >= 0, state.last[jnp.maximum(from_slot, 0)], input_ids)
 
 
 @jax.tree_util.register_dataclass
@@ -81,12 +94,111 @@ def init_slot(
     seen = scatter(prompt_ids, jnp.ones_like(prompt_ids), jnp.zeros(V, jnp.int32), add=False) > 0
     bias = scatter(bias_ids, bias_values, jnp.zeros(V, jnp.float32), add=False)
     return SamplerState(state.counts.at[slot].set(counts), state.seen.at[slot].set(seen | (counts > 0)),
-                        state.bias.at[slot].set(bias))
+                        state.bias.at[slot].set(bias), state.last)
 
 
 def unpack_mask(packed: jax.Array, vocab: int) -> jax.Array:  # [B, W] uint32 -> [B, V] bool
     bits = (packed[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & 1
     return bits.reshape(packed.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def search_ways() -> int:
+    """Thresholds tested per pass of the cut search (ceil(32 / log2(ways)) passes over [B, V]): fewer
+    compares on a CPU, fewer sweeps of memory on an accelerator (scripts/bench_sampler.py measures both)."""
+    return 4 if jax.default_backend() == "cpu" else 16
+
+
+def _sortable(x: jax.Array) -> jax.Array:  # f32 -> uint32 with the same order (no NaNs)
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _unsortable(u: jax.Array) -> jax.Array:  # the inverse of _sortable
+    b = jnp.where(u >> 31 == 1, u & jnp.uint32(0x7FFFFFFF), ~u)
+    return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _search(
+    u: jax.Array,  # [B, V] uint32 sortable keys
+    holds: Callable[[jax.Array], jax.Array],  # [B, W] thresholds -> [B, W] bool, true below a cut
+    ways: int,
+) -> jax.Array:  # [B] uint32: the largest threshold t where holds(t)
+    """A ways-ary search over the 2^32 keys: each pass tests ways - 1 thresholds in one sweep of [B, V].
+    holds(t) must be monotone (true, then false as t grows), true at min(u) and false above max(u)."""
+    lo = jnp.min(u, axis=-1)
+    hi = jnp.max(u, axis=-1) + 1  # +inf's key is 0xFF800000: no overflow
+    j = jnp.arange(ways + 1, dtype=jnp.uint32)
+    passes = -(-32 // (ways.bit_length() - 1))
+
+    def one_pass(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds
+        d = hi - lo
+        t = lo[:, None] + (d // ways)[:, None] * j + ((d % ways)[:, None] * j) // ways  # [B, ways + 1]
+        c = jnp.sum(holds(t[:, 1:-1]), axis=-1)  # [B] thresholds that hold: a prefix
+        return (jnp.take_along_axis(t, c[:, None], axis=-1)[:, 0],
+                jnp.take_along_axis(t, c[:, None] + 1, axis=-1)[:, 0])
+
+    return jax.lax.fori_loop(0, passes, one_pass, (lo, hi))[0]
+
+
+def filter_logits(
+    scaled: jax.Array,  # [B, V] f32, logits / temperature
+    top_k: jax.Array,  # [B] int32, <= 0: off
+    top_p: jax.Array,  # [B] f32, 1: off
+    min_p: jax.Array,  # [B] f32, 0: off
+    ways: int | None = None,
+) -> jax.Array:  # [B, V] f32, -inf outside the kept set
+    """Top-k, top-p and min-p without sorting V, with the cut of filter_logits_sorted:
+    top-k keeps values >= the k-th largest (ties included); top-p keeps the smallest set of the
+    largest values whose probability mass reaches top_p (ties of its last value included), computed
+    on the whole distribution; min-p keeps probabilities >= min_p * the largest. The k-th value and
+    the top-p cut are found by a search over the float keys (counts and masses above thresholds),
+    exact for top-k and exact up to the float rounding of the mass sums for top-p. Rows that ask
+    for none of them are left untouched."""
+    B, V = scaled.shape
+    ways = ways or search_ways()
+    u = _sortable(scaled)  # [B, V]
+    use_k = (top_k > 0) & (top_k < V)
+    use_p = top_p < 1
+    zero = jnp.zeros(B, jnp.uint32)
+
+    def k_cut(u: jax.Array) -> jax.Array:  # the key of the k-th largest value
+        k = jnp.where(use_k, top_k, 1)[:, None]
+        return _search(u, lambda t: jnp.sum(u[:, :, None] >= t[:, None, :], axis=1) >= k, ways)
+
+    def p_cut(u: jax.Array) -> jax.Array:  # the key of the smallest value kept by top-p
+        probs = jax.nn.softmax(scaled, axis=-1)  # [B, V]
+
+        def holds(t: jax.Array) -> jax.Array:  # the mass of the keys >= t reaches top_p
+            mass = jnp.sum(jnp.where(u[:, :, None] >= t[:, None, :], probs[:, :, None], 0.0), axis=1)
+            return mass >= top_p[:, None]
+
+        # the largest such t is a value whose strictly-greater mass stays below top_p: the last one kept
+        return _search(u, holds, ways)
+
+    cut_k = jax.lax.cond(jnp.any(use_k), k_cut, lambda u: zero, u)
+    cut_p = jax.lax.cond(jnp.any(use_p), p_cut, lambda u: zero, u)
+    cut = jnp.maximum(jnp.where(use_k, cut_k, 0), jnp.where(use_p, cut_p, 0))  # [B] key, 0: keep all
+    cut_value = jnp.where(cut > 0, _unsortable(cut), -jnp.inf)[:, None]  # [B, 1]
+    min_p_cut = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p[:, None])  # prob >= min_p * max prob
+    return jnp.where(scaled >= jnp.maximum(cut_value, min_p_cut), scaled, -jnp.inf)
+
+
+def filter_logits_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """The same cut by a full sort of V (the reference; what the sampler did before the search)."""
+    V = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < top_p[:, None]
+    p_cut = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    p_cut = jnp.where(top_p[:, None] < 1, p_cut, -jnp.inf)
+    min_p_cut = sorted_desc[:, :1] + jnp.log(min_p[:, None])  # prob >= min_p * max prob
+    cut = jnp.maximum(jnp.maximum(kth, p_cut), min_p_cut)
+    return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
 
 def sample(
@@ -97,14 +209,17 @@ def sample(
     B, V = logits.shape
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
 
-    use = md.use_state[:, None]
-    counts = state.counts[md.slot]  # [B, V]
-    seen = state.seen[md.slot]  # [B, V]
-    x = logits + jnp.where(use, state.bias[md.slot], 0.0)
-    rep = md.repetition_penalty[:, None]
-    x = jnp.where(use & seen, jnp.where(x > 0, x / rep, x * rep), x)
-    x = x - jnp.where(use, md.frequency_penalty[:, None] * counts
-                      + md.presence_penalty[:, None] * (counts > 0), 0.0)
+    def penalize(x: jax.Array) -> jax.Array:  # reads [B, V] of state: only when a row asks for it
+        use = md.use_state[:, None]
+        counts = state.counts[md.slot]  # [B, V]
+        seen = state.seen[md.slot]  # [B, V]
+        x = x + jnp.where(use, state.bias[md.slot], 0.0)
+        rep = md.repetition_penalty[:, None]
+        x = jnp.where(use & seen, jnp.where(x > 0, x / rep, x * rep), x)
+        return x - jnp.where(use, md.frequency_penalty[:, None] * counts
+                             + md.presence_penalty[:, None] * (counts > 0), 0.0)
+
+    x = jax.lax.cond(md.needs_state, penalize, lambda x: x, logits)
     x = jnp.where(unpack_mask(md.grammar_mask, V), x, -jnp.inf)
 
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B]
@@ -112,17 +227,9 @@ def sample(
     scaled = x / temp
 
     def filtered(scaled: jax.Array) -> jax.Array:
-        sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
-        k = jnp.where(md.top_k > 0, jnp.minimum(md.top_k, V), V)
-        kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [B, 1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = before < md.top_p[:, None]
-        p_cut = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        min_p_cut = sorted_desc[:, :1] + jnp.log(md.min_p[:, None])  # prob >= min_p * max prob
-        cut = jnp.maximum(jnp.maximum(kth, p_cut), min_p_cut)
-        return jnp.where(scaled >= cut, scaled, -jnp.inf)
+        on = md.temperature > 0  # greedy rows take the argmax of x
+        return filter_logits(scaled, jnp.where(on, md.top_k, 0), jnp.where(on, md.top_p, 1.0),
+                             jnp.where(on, md.min_p, 0.0))
 
     scaled = jax.lax.cond(md.needs_filter, filtered, lambda s: s, scaled)
     def draw(scaled: jax.Array) -> jax.Array:  # gumbel-max: one categorical draw per row
@@ -139,10 +246,12 @@ def sample(
         md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
         lambda lp: (jnp.zeros((B, K), lp.dtype), jnp.zeros((B, K), jnp.int32)), raw_logprobs)
 
+    R = state.last.shape[0]
     add = md.use_state.astype(jnp.int32)
     new_state = SamplerState(
         counts=state.counts.at[md.slot, tokens].add(add),
         seen=state.seen.at[md.slot, tokens].max(md.use_state),
         bias=state.bias,
+        last=state.last.at[jnp.where(md.keep, md.slot, R)].set(tokens, mode="drop"),
     )
     return SampleOutput(tokens, logprobs, top_ids.astype(jnp.int32), top_lp), new_state

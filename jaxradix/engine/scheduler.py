@@ -105,7 +105,7 @@ class Scheduler:
     def _cache(self, req: Request, finished: bool) -> None:
         """Insert the computed tokens into the tree; keep (finished=False) or drop the request's pages."""
         S = self.S
-        aligned = req.kv_len // S * S
+        aligned = min(req.kv_len, req.seq_len) // S * S  # a launched step may compute an unread token
         if self.tree.disable or aligned <= req.prefix_len:
             if finished:
                 self.pool.free(req.pages[req.prefix_len // S:])
@@ -147,7 +147,7 @@ class Scheduler:
     def _reserved_pages(self) -> int:
         total = 0
         for r in self.running:
-            left = min(r.params.max_new_tokens - len(r.output_ids), self.context_len - r.seq_len)
+            left = min(r.params.max_new_tokens - len(r.output_ids) - r.pending, self.context_len - r.known_len)
             total += _cdiv(int(max(left, 0) * self.ratio), self.S)
         return total
 
@@ -157,7 +157,9 @@ class Scheduler:
         budget = self.chunk_size if self.chunk_size > 0 else self.context_len
         # 1. decode rows; retract when the pool cannot hold one more token
         for req in list(self.running):
-            if req.slot < 0 or req.seq_len - req.kv_len != 1 or not req.output_ids:
+            if req.slot < 0 or req.known_len - req.kv_len != 1 or not (req.output_ids or req.pending):
+                continue
+            if self._done_when_read(req):
                 continue
             while not self._grow(req, req.kv_len + 1):
                 victim = self._retract(keep=req)
@@ -174,8 +176,9 @@ class Scheduler:
         for req in self.running:
             if budget <= 0:
                 break
-            left = req.seq_len - req.kv_len
-            if req.slot < 0 or (left == 1 and req.output_ids) or any(r.req is req for r in res.rows):
+            left = req.known_len - req.kv_len
+            if req.slot < 0 or left <= 0 or (left == 1 and (req.output_ids or req.pending)) \
+                    or any(r.req is req for r in res.rows):
                 continue
             n = min(left, budget)
             if not self._grow(req, req.kv_len + n):
@@ -188,6 +191,8 @@ class Scheduler:
         for req in self._order():
             if budget <= 0 or not self.free_slots:
                 break
+            if req.pending:  # retracted while its last step runs: admitted once its token is read
+                continue
             got = self._admit(req, budget, batch_tree)
             if got is None:
                 continue
@@ -209,6 +214,10 @@ class Scheduler:
             req.kv_len = row.start + row.n
             if row.n > 1:
                 self._cache(req, finished=False)
+
+    def _done_when_read(self, req: Request) -> bool:
+        """The token still on the device ends the request (length), so it needs no further step."""
+        return req.pending > 0 and (req.will_finish or req.known_len >= self.context_len)
 
     def _wants_lp(self, req: Request) -> bool:
         return req.logprobs.logprob_start_len >= 0 and req.kv_len < len(req.prompt_ids)

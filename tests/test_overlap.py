@@ -1,0 +1,133 @@
+"""Overlap scheduling: the host plans step N+1 while the device runs step N, with the same outputs.
+
+The shared engine runs with overlap on (the default); one engine with --disable-overlap-schedule
+is the reference. The compiled steps are the same, so the second engine loads them from the
+persistent compilation cache.
+"""
+
+import asyncio
+import json
+
+import jax
+import pytest
+from conftest import get_engine
+
+from jaxradix import SamplingParams
+from jaxradix.launch_server import build_parser, engine_kwargs
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
+SHORT = ["The capital of France is", "def fibonacci(n):", "The capital of France is a city where"]
+LONG = " ".join(f"item {i}," for i in range(60))  # ~240 tokens: 4 chunks of 64
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+
+@pytest.fixture(scope="module")
+def on():
+    e = get_engine()
+    assert e.overlap
+    return e
+
+
+@pytest.fixture(scope="module")
+def off():
+    e = get_engine(disable_overlap_schedule=True)
+    assert not e.overlap
+    return e
+
+
+def _greedy(engine, prompts):
+    return [o["output_ids"] for o in engine.generate(prompts, GREEDY)]
+
+
+def _mixed(engine, stop: str) -> list[dict]:
+    """One batch of everything the loop must keep exact: stop strings, max_new_tokens 0 and 1,
+    seeded n>1 sampling, penalties with filters, a chunked prompt, a JSON schema, output logprobs."""
+    chat = engine.apply_chat_template([{"role": "user", "content": "Give a person as JSON."}],
+                                      add_generation_prompt=True)
+    work = [
+        ("Count: 1, 2, 3,", SamplingParams(temperature=0, max_new_tokens=16, stop=stop)),
+        ("Hello", SamplingParams(temperature=0, max_new_tokens=0)),
+        ("Hello", SamplingParams(temperature=0, max_new_tokens=1)),
+        ("Write a word:", SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=7)),
+        ("one one one one one", SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.01, seed=3,
+                                               max_new_tokens=8, repetition_penalty=1.5,
+                                               frequency_penalty=0.5, presence_penalty=0.3)),
+        (LONG, GREEDY),
+        (chat, SamplingParams(temperature=0, max_new_tokens=40, json_schema=SCHEMA)),
+    ]
+    outs = engine.generate([p for p, _ in work], [sp for _, sp in work], return_logprob=True, top_logprobs_num=2)
+    return [o for x in outs for o in (x if isinstance(x, list) else [x])]
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+    ma, mb = a["meta_info"], b["meta_info"]
+    assert ma["finish_reason"] == mb["finish_reason"]
+    assert [t for _, t in ma["output_token_logprobs"]] == a["output_ids"]
+    for (la, _), (lb, _) in zip(ma["output_token_logprobs"], mb["output_token_logprobs"], strict=True):
+        assert abs(la - lb) < 1e-3
+    top = [[[i for i, _ in x] for x in m["output_top_logprobs"]] for m in (ma, mb)]
+    assert top[0] == top[1]
+
+
+def test_same_greedy_ids_on_and_off_chunked_and_cached(on, off):
+    for e in (on, off):
+        e.flush_cache()
+    ref = _greedy(off, SHORT + [LONG])  # uncached; the long prompt runs in chunks of 64
+    assert _greedy(on, SHORT + [LONG]) == ref
+    assert _greedy(on, SHORT + [LONG]) == ref  # now cached
+    assert _greedy(off, SHORT + [LONG]) == ref
+    assert [_greedy(on, [p])[0] for p in SHORT] == ref[:3]  # alone
+    assert on.stats["overlapped_steps"] > 0 and off.stats["overlapped_steps"] == 0
+
+
+def test_mixed_batch_same_outputs_without_compiles(on, off):
+    full = off.generate("Count: 1, 2, 3,", SamplingParams(temperature=0, max_new_tokens=16))["text"]
+    stop = full.strip().split(" ")[1]
+    ref = _mixed(off, stop)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
+    before, overlapped = on.runner.num_compiles, on.stats["overlapped_steps"]
+    got = _mixed(on, stop)
+    assert on.runner.num_compiles == before and compiles == []
+    assert on.stats["overlapped_steps"] > overlapped
+    assert len(got) == len(ref) == 9
+    for a, b in zip(got, ref, strict=True):
+        _same(a, b)
+    # each feature did what it says
+    assert got[0]["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop} and stop not in got[0]["text"]
+    assert got[1]["output_ids"] == [] and got[1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert len(got[2]["output_ids"]) == 1
+    assert len({tuple(o["output_ids"]) for o in got[3:6]}) > 1
+    person = json.loads(got[8]["text"])
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+
+
+def test_abort_mid_batch_leaves_the_others_exact(on, off):
+    ref = _greedy(off, SHORT)
+
+    async def run():
+        it = await on.async_generate("A very long story:", SamplingParams(temperature=0, max_new_tokens=400,
+                                                                          ignore_eos=True), stream=True,
+                                     rid="overlap-abort")
+        others = asyncio.ensure_future(on.async_generate(SHORT, GREEDY))
+        n = 0
+        async for chunk in it:
+            n += 1
+            if n == 3:
+                on.abort("overlap-abort")
+            last = chunk
+        return last, await others
+
+    last, others = asyncio.run(run())
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(last["output_ids"]) < 400
+    assert [o["output_ids"] for o in others] == ref
+
+
+def test_server_flag_turns_overlap_off():
+    args = build_parser().parse_args(["--disable-overlap-schedule"])
+    assert engine_kwargs(args)["disable_overlap_schedule"] is True
+    assert "disable_overlap_schedule" not in engine_kwargs(build_parser().parse_args([]))
