@@ -4,7 +4,7 @@ from jaxradix.engine.request import FinishReason, SamplingParams
 
 __version__ = "0.1.0"
 _LANG = ("function", "gen", "select", "fork", "system", "user", "assistant", "set_default_backend",
-         "RuntimeEndpoint", "EngineBackend")
+         "RuntimeEndpoint", "EngineBackend", "Runtime", "get_default_backend")
 __all__ = ["Engine", "SamplingParams", "FinishReason", "__version__", *_LANG]
 
 

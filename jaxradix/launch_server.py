@@ -3,19 +3,25 @@
     python -m jaxradix.launch_server                       # the embedded SmolLM2-135M-Instruct
     python -m jaxradix.launch_server --model-path /path/to/hf_dir --port 30000 --enable-metrics
 
-Flags carry SGLang's names; engine flags left unset take EngineConfig's defaults.
+Flags carry SGLang's names; engine flags left unset take EngineConfig's defaults. Every other flag of
+SGLang's launch_server is accepted with a warning that it has no effect here.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
 from typing import Any
 
 from jaxradix.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, KV_CACHE_DTYPES, SCHEDULE_POLICIES, EngineConfig
+from jaxradix.sglang_flags import BOOL_FLAGS, VALUE_FLAGS
+
+TOOL_PARSERS = ("llama3", "qwen25", "qwen", "mistral")  # jaxradix.server.tool_calls.PARSERS
+REASONING_PARSERS = ("qwen3", "deepseek-r1")  # jaxradix.server.reasoning.PARSERS
 
 logger = logging.getLogger("jaxradix.server")
 
@@ -33,8 +39,23 @@ ENGINE_FLAGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", default=None,
-                    help="HF directory, .gguf file or orbax checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model-path", "--model", default=None,
+                    help="HF directory or Hugging Face model id, .gguf file or orbax checkpoint (default: the "
+                    "embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--revision", default=None, help="the model id's branch, tag or commit (Hugging Face ids)")
+    ap.add_argument("--tokenizer-path", default=None,
+                    help="accepted for SGLang compatibility: the tokenizer is the model's own (a different path "
+                    "gets a warning)")
+    ap.add_argument("--chat-template", default=None,
+                    help="a Jinja chat template file (or template text) replacing the tokenizer's for /v1/chat")
+    ap.add_argument("--tool-call-parser", default=None, choices=TOOL_PARSERS,
+                    help="how tool calls are written in the model's output (default: from the chat template)")
+    ap.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                    help="split <think>...</think> into reasoning_content in /v1/chat/completions")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="accepted for SGLang compatibility: jaxradix never runs a model repository's code")
+    ap.add_argument("--enable-cache-report", action="store_true",
+                    help="accepted: usage.prompt_tokens_details.cached_tokens is always reported")
     ap.add_argument("--served-model-name", default=None, help="model name in the OpenAI API (default: the "
                     "model path's basename; 'default' is always accepted)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -64,7 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
     eng.add_argument("--grammar-backend", default=None, choices=GRAMMAR_BACKENDS)
     eng.add_argument("--random-seed", type=int, default=None)
+    ignored = ap.add_argument_group("SGLang flags with no effect here (accepted with a warning)")
+    known = set(ap._option_string_actions)
+    for name in sorted(BOOL_FLAGS | VALUE_FLAGS):
+        flag = f"--{name}"
+        if flag not in known:
+            ignored.add_argument(flag, dest=f"ignored__{name}", default=None, help=argparse.SUPPRESS,
+                                 **({"action": "store_true"} if name in BOOL_FLAGS else {"nargs": "*"}))
     return ap
+
+
+def ignored_flags(args: argparse.Namespace) -> list[str]:
+    """The SGLang flags given that jaxradix does not implement."""
+    return [f"--{k.removeprefix('ignored__')}" for k, v in vars(args).items()
+            if k.startswith("ignored__") and v not in (None, False)]
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The OpenAI layer's options from the flags (chat template text, tool and reasoning parsers)."""
+    template = args.chat_template
+    if template is not None and os.path.isfile(template):
+        with open(template) as f:
+            template = f.read()
+    return {"chat_template": template, "tool_call_parser": args.tool_call_parser,
+            "reasoning_parser": args.reasoning_parser}
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     except (TypeError, ValueError) as e:
         ap.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    for flag in ignored_flags(args):
+        logger.warning("%s is an SGLang flag with no meaning in jaxradix: ignored", flag)
+    if args.tokenizer_path is not None and args.tokenizer_path != args.model_path:
+        logger.warning("--tokenizer-path %s: ignored; the tokenizer is loaded with the model from --model-path",
+                       args.tokenizer_path)
+    if args.revision is not None:
+        if args.model_path is None:
+            ap.error("--revision needs --model-path (a Hugging Face model id)")
+        from jaxradix.models.hub import resolve_model_path
+
+        try:
+            kwargs["model_path"] = str(resolve_model_path(args.model_path, args.revision))
+        except (ValueError, FileNotFoundError) as e:
+            ap.error(str(e))
+    options = server_options(args)
 
     import uvicorn
 
@@ -111,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(factory, api_key=args.api_key, enable_metrics=args.enable_metrics,
                      served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
                      warmup=not args.skip_server_warmup, on_ready=on_ready, on_error=on_error)
+    app.state.server.configure(**options)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_keep_alive=30))
     logger.info("starting jaxradix on http://%s:%d; the model loads in the background (/health: 503 until "

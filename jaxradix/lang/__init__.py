@@ -7,7 +7,7 @@
         s += user(question)
         s += assistant(gen("answer", max_tokens=64))
 
-    set_default_backend(EngineBackend(engine))   # or RuntimeEndpoint("http://127.0.0.1:30000")
+    set_default_backend(engine)   # an Engine, Runtime(model_path=...), or RuntimeEndpoint("http://127.0.0.1:30000")
     print(qa.run(question="...", temperature=0)["answer"])
 """
 
@@ -33,10 +33,12 @@ from jaxradix.lang.backends import Backend, BackendError, EngineBackend, Runtime
 from jaxradix.lang.chat_template import ChatTemplate
 from jaxradix.lang.choices import ChoiceDecision
 from jaxradix.lang.interpreter import ProgramState, ProgramStateGroup, VariableNotFound
+from jaxradix.lang.runtime import Runtime
 
 __all__ = [
     "Backend", "BackendError", "ChatTemplate", "ChoiceDecision", "EngineBackend", "Function", "ProgramState",
-    "ProgramStateGroup", "RuntimeEndpoint", "VariableNotFound", "assistant", "assistant_begin", "assistant_end",
+    "ProgramStateGroup", "Runtime", "RuntimeEndpoint", "VariableNotFound", "assistant", "assistant_begin",
+    "assistant_end",
     "connect", "fork", "function", "gen", "get_default_backend", "select", "set_default_backend", "system",
     "system_begin", "system_end", "user", "user_begin", "user_end",
 ]

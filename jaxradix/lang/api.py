@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from jaxradix.lang.backends import Backend
+from jaxradix.lang.backends import Backend, EngineBackend
 from jaxradix.lang.choices import validate_choices
 from jaxradix.lang.interpreter import ProgramState, ProgramStateGroup
 from jaxradix.lang.ir import Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingArgs, Select
@@ -17,11 +17,24 @@ _default_backend: Backend | None = None
 _lock = threading.Lock()
 
 
-def set_default_backend(backend: Backend | None) -> None:
+def as_backend(backend: Any) -> Backend:
+    """A Backend as is; an Engine wrapped in an EngineBackend; a Runtime's backend."""
+    if isinstance(backend, Backend):
+        return backend
+    if isinstance(getattr(backend, "endpoint", None), Backend):  # jaxradix.lang.Runtime
+        return backend.endpoint
+    if callable(getattr(backend, "generate", None)) and hasattr(backend, "async_generate") \
+            and hasattr(backend, "tokenizer"):  # an Engine (duck-typed: importing it here would pull in JAX)
+        return EngineBackend(backend)
+    raise TypeError(f"set_default_backend: expected an Engine, Runtime, EngineBackend or RuntimeEndpoint, got "
+                    f"{type(backend).__name__}")
+
+
+def set_default_backend(backend: Any) -> None:
+    """backend: an Engine, a Runtime, an EngineBackend or a RuntimeEndpoint (None clears it)."""
     global _default_backend
-    if backend is not None and not isinstance(backend, Backend):
-        raise TypeError(f"set_default_backend: expected an EngineBackend or RuntimeEndpoint, got "
-                        f"{type(backend).__name__}")
+    if backend is not None:
+        backend = as_backend(backend)
     with _lock:
         _default_backend = backend
 
@@ -30,8 +43,8 @@ def get_default_backend() -> Backend | None:
     return _default_backend
 
 
-def _backend(backend: Backend | None) -> Backend:
-    b = backend or _default_backend
+def _backend(backend: Any) -> Backend:
+    b = as_backend(backend) if backend is not None else _default_backend
     if b is None:
         raise RuntimeError("no backend: call set_default_backend(EngineBackend(engine) or RuntimeEndpoint(url)) "
                            "or pass backend=")

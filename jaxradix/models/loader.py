@@ -97,10 +97,13 @@ def load_model(model_path: str | Path | None = None, *, load_format: str = "auto
                seed: int = 0, progress: bool = True) -> LoadedModel:
     """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct."""
     from jaxradix.models.embedded import embedded_model_path
+    from jaxradix.models.hub import is_hub_id, resolve_model_path
 
     start = time.perf_counter()
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; supported: {', '.join(LOAD_FORMATS)}")
+    if model_path is not None and is_hub_id(str(model_path)):
+        model_path = resolve_model_path(str(model_path))
     path = Path(model_path) if model_path is not None else embedded_model_path()
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist (expected an HF directory, "

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +16,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jaxradix import __version__
-from jaxradix.engine.request import SamplingParams
-from jaxradix.server.engine_client import LogprobArgs, check_output, engine_errors, new_rid
-from jaxradix.server.errors import APIError, bad_request, from_value_error
+from jaxradix.server.engine_client import EngineClient, LogprobArgs, check_output, engine_errors, new_rid
+from jaxradix.server.errors import APIError, bad_request
 from jaxradix.server.metrics import engine_load
 from jaxradix.server.protocol import AbortRequest, GenerateRequest
+from jaxradix.server.sglang_params import NativeSampling, parse_native
 from jaxradix.server.state import ServerState, TokenTexts
 from jaxradix.server.streaming import DONE, EngineStreamingResponse, sse
 
@@ -84,21 +86,16 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
     sps = body.sampling_params if isinstance(body.sampling_params, list) else [body.sampling_params or {}] * len(ids)
     if len(sps) != len(ids):
         raise bad_request(f"sampling_params: {len(sps)} given for {len(ids)} prompts", "sampling_params")
-    for x, sp in zip(ids, sps, strict=True):
-        try:
-            params = SamplingParams(**sp)
-        except TypeError as e:
-            raise bad_request(f"sampling_params: {e}", "sampling_params") from e
-        except ValueError as e:
-            raise from_value_error(e) from e
-        ctx = engine.context_len
+    nss = [parse_native(sp) for sp in sps]
+    ctx = engine.context_len
+    for x, ns in zip(ids, nss, strict=True):
         if len(x) >= ctx:
             raise bad_request(f"{field}: {len(x)} tokens do not fit the context length {ctx}", field)
-        if len(x) + params.max_new_tokens > ctx:
+        if len(x) + ns.max_new_tokens > ctx:
             raise bad_request(
                 f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested "
-                f"a total of {len(x) + params.max_new_tokens} tokens: {len(x)} tokens from the input and "
-                f"{params.max_new_tokens} tokens for the completion. Reduce the input or max_new_tokens.",
+                f"a total of {len(x) + ns.max_new_tokens} tokens: {len(x)} tokens from the input and "
+                f"{ns.max_new_tokens} tokens for the completion. Reduce the input or max_new_tokens.",
                 "sampling_params.max_new_tokens")
     lp = LogprobArgs(bool(_uniform(body.return_logprob, "return_logprob", len(ids))),
                      _uniform(body.top_logprobs_num, "top_logprobs_num", len(ids)),
@@ -112,12 +109,16 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
         rids = [base] if len(ids) == 1 else [f"{base}-p{j}" for j in range(len(ids))]
     text = state.token_text if body.return_text_in_logprobs else None
 
+    if any(ns.server_side for ns in nss):
+        return await _generate_watched(client, body.stream, single, ids, nss, lp, rids, text)
+    params = [ns.engine for ns in nss]
     if not body.stream:
-        outs = await client.generate(request, ids, sps, lp, rids)
+        outs = await client.generate(request, ids, params, lp, rids)
         results = [native_output(o, text, lp.return_logprob) for o in outs]
         return JSONResponse(results[0] if single and len(results) == 1 else results)
 
-    group = await client.stream(ids, sps, lp, rids)
+    group = await client.stream(ids, params, lp, rids)
+    interval = max(ns.stream_interval for ns in nss)
 
     async def events() -> AsyncIterator[bytes]:
         async for i, out in group.events():
@@ -126,6 +127,8 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
             except APIError as e:
                 yield sse(e.body())
                 break
+            if not _due(out, interval):
+                continue
             res = native_output(out, text, lp.return_logprob)
             if len(group) > 1:
                 res["index"] = i
@@ -133,6 +136,160 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
         yield DONE
 
     return EngineStreamingResponse(events(), group.close)
+
+
+def _due(out: dict, interval: int) -> bool:
+    """stream_interval: a chunk every `interval` tokens, and always the last one."""
+    return interval <= 1 or out["meta_info"]["finish_reason"] is not None \
+        or len(out["output_ids"]) % interval == 0
+
+
+async def _generate_watched(client: EngineClient, stream: bool, single: bool, ids: list[list[int]],
+                            nss: list[NativeSampling], lp: LogprobArgs, rids: list[str],
+                            text: TokenTexts | None) -> Response:
+    streams = []
+    for x, ns, rid in zip(ids, nss, rids, strict=True):
+        for i in range(ns.n):
+            streams.append(watched_choice(client, x, ns, lp, rid if ns.n == 1 else f"{rid}-{i}", i))
+    if not stream:
+        outs = await asyncio.gather(*(_last(s) for s in streams), return_exceptions=True)
+        for o in outs:
+            if isinstance(o, BaseException):
+                raise o
+        results = [native_output(o, text, lp.return_logprob) for o in outs]  # type: ignore[arg-type]
+        return JSONResponse(results[0] if single and len(results) == 1 else results)
+    interval = max(ns.stream_interval for ns in nss)
+    merged = _merge(streams)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for i, out in merged:
+                if not _due(out, interval):
+                    continue
+                res = native_output(out, text, lp.return_logprob)
+                if len(streams) > 1:
+                    res["index"] = i
+                yield sse(res)
+        except APIError as e:
+            yield sse(e.body())
+        yield DONE
+
+    return EngineStreamingResponse(events(), merged.aclose)
+
+
+# == server-side sampling: min_new_tokens, stop_regex, no_stop_trim ==============================
+def _merge_phase(first: dict, out: dict) -> dict:
+    """A continuation's output seen as the rest of the first request's output."""
+    m1, m2 = first["meta_info"], out["meta_info"]
+    meta = dict(m2, prompt_tokens=m1["prompt_tokens"], cached_tokens=m1.get("cached_tokens", 0),
+                completion_tokens=m1["completion_tokens"] + m2["completion_tokens"])
+    for k in ("output_token_logprobs", "output_top_logprobs"):
+        if k in m1:
+            meta[k] = list(m1[k]) + list(m2.get(k, []))
+    for k in ("input_token_logprobs", "input_top_logprobs"):
+        if k in m1:
+            meta[k] = m1[k]
+        else:
+            meta.pop(k, None)
+    return {"text": first["text"] + out["text"], "output_ids": first["output_ids"] + out["output_ids"],
+            "meta_info": meta}
+
+
+def _stop_match(text: str, patterns: list[re.Pattern[str]]) -> re.Match[str] | None:
+    found = [m for p in patterns if (m := p.search(text)) is not None]
+    return min(found, key=lambda m: m.end()) if found else None
+
+
+async def _engine_events(client: EngineClient, ids: list[int], params: dict, lp: LogprobArgs,
+                         rid: str) -> AsyncIterator[dict]:
+    group = await client.stream([ids], [params], lp, [rid])
+    try:
+        async for _, out in group.events():
+            check_output(out)
+            yield out
+    finally:
+        await group.close()
+
+
+async def watched_choice(client: EngineClient, ids: list[int], ns: NativeSampling, lp: LogprobArgs,
+                         rid: str, index: int) -> AsyncIterator[dict]:
+    """Cumulative outputs of one choice whose sampling the server completes (see sglang_params)."""
+    params = dict(ns.engine, n=1)
+    if ns.n > 1 and params.get("seed") is not None:
+        params["seed"] += index
+    first: dict | None = None
+    if ns.min_new_tokens > 0:
+        eos = set(client.engine.stop_token_ids) | set(params.get("stop_token_ids") or [])
+        bias = dict(params.get("logit_bias") or {}) | {str(t): -100.0 for t in eos}
+        head = {k: v for k, v in params.items() if k not in ("stop", "stop_token_ids")}
+        head.update(max_new_tokens=ns.min_new_tokens, ignore_eos=True, logit_bias=bias)
+        async for out in _engine_events(client, ids, head, lp, f"{rid}-min"):
+            first = out
+            fin = out["meta_info"]["finish_reason"]
+            if fin is None or fin["type"] == "abort" or ns.max_new_tokens == ns.min_new_tokens:
+                yield out
+        assert first is not None
+        fin = first["meta_info"]["finish_reason"]
+        if fin["type"] == "abort" or ns.max_new_tokens == ns.min_new_tokens:
+            return
+        if "seed" in params:
+            params["seed"] += 1 << 20  # the continuation draws fresh random numbers
+        params["max_new_tokens"] = ns.max_new_tokens - ns.min_new_tokens
+        ids = ids + first["output_ids"]
+        lp = LogprobArgs(lp.return_logprob, lp.top_logprobs_num, -1)
+    async for out in _engine_events(client, ids, params, lp, rid):
+        if first is not None:
+            out = _merge_phase(first, out)
+        meta = out["meta_info"]
+        m = _stop_match(out["text"], ns.stop_regex) if ns.stop_regex else None
+        if m is not None:
+            text = out["text"][:m.end() if ns.no_stop_trim else m.start()]
+            yield {**out, "text": text,
+                   "meta_info": dict(meta, finish_reason={"type": "stop", "matched": m.group(0)})}
+            return  # leaving the loop aborts the engine request
+        fin = meta["finish_reason"]
+        if fin is not None and ns.no_stop_trim and fin["type"] == "stop" and isinstance(fin.get("matched"), str):
+            out = {**out, "text": out["text"] + fin["matched"]}
+        yield out
+
+
+async def _last(events: AsyncIterator[dict]) -> dict:
+    last: dict = {}
+    async for last in events:  # noqa: B007
+        pass
+    return last
+
+
+async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, it: AsyncIterator[dict]) -> None:
+        try:
+            async for out in it:
+                queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in streams:
+            with contextlib.suppress(Exception):
+                await it.aclose()  # type: ignore[attr-defined]
 
 
 def native_router(state: ServerState) -> APIRouter:

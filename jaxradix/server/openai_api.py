@@ -14,8 +14,19 @@ from jaxradix.engine.request import MAX_TOP_LOGPROBS, SamplingParams
 from jaxradix.server.engine_client import LogprobArgs, StreamGroup, engine_errors, new_rid
 from jaxradix.server.errors import APIError, bad_request
 from jaxradix.server.protocol import ChatCompletionRequest, CompletionRequest
+from jaxradix.server.reasoning import PARSERS as REASONING_PARSERS
+from jaxradix.server.reasoning import ReasoningStream, split
 from jaxradix.server.state import ServerState, TokenTexts
 from jaxradix.server.streaming import DONE, EngineStreamingResponse, sse
+from jaxradix.server.tool_calls import (
+    ToolCall,
+    ToolFormat,
+    ToolRequest,
+    ToolStream,
+    format_for,
+    parse_tools,
+    template_messages,
+)
 
 PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 LpEntry = tuple[float | None, int, list | None]  # (logprob, token id, [(id, logprob)] top alternatives)
@@ -238,7 +249,7 @@ def chat_logprobs(entries: list[LpEntry], text: TokenTexts) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def render_messages(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+def render_messages(state: ServerState, body: ChatCompletionRequest, tools: ToolRequest | None) -> list[int]:
     tokenizer = state.engine.tokenizer
     if tokenizer is None:
         raise bad_request("this model has no tokenizer: use /generate with input_ids", "messages")
@@ -249,19 +260,81 @@ def render_messages(state: ServerState, body: ChatCompletionRequest) -> list[int
             if any(p.type != "text" for p in content):
                 raise bad_request(f"messages[{j}].content: only text parts are supported", "messages")
             content = "".join(p.text or "" for p in content)
-        msg = {"role": m.role, "content": content or ""}
-        if m.name is not None:
-            msg["name"] = m.name
+        msg = {"role": m.role, "content": content or "", "name": m.name, "tool_calls": m.tool_calls,
+               "tool_call_id": m.tool_call_id}
         messages.append(msg)
+    messages = template_messages(messages)
     kwargs = dict(body.chat_template_kwargs or {})
     if body.continue_final_message:
         kwargs["continue_final_message"] = True
+    if tools is not None:
+        kwargs["tools"] = body.tools
+    if state.chat_template is not None:
+        kwargs["chat_template"] = state.chat_template
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not body.continue_final_message,
                                             tokenize=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input
         raise bad_request(f"messages: the chat template failed: {e}", "messages") from e
     return list(ids)
+
+
+class ChatOutput:
+    """One choice's text as the chat API shows it: reasoning apart, tool calls parsed out."""
+
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, tools: ToolRequest | None,
+                 fmt: ToolFormat | None) -> None:
+        parser = state.reasoning_parser if body.separate_reasoning else None
+        self.reasoning = REASONING_PARSERS[parser] if parser else None
+        self.tools, self.fmt = tools, fmt
+        self.names = {f.name for f in tools.functions} if tools is not None else set()
+        self._rs = ReasoningStream(self.reasoning) if self.reasoning else None
+        self._ts = ToolStream(fmt, self.names) if fmt is not None else None
+        self._sent = 0
+
+    def _calls(self, calls: list[ToolCall]) -> list[ToolCall]:
+        return calls if self.tools is None or self.tools.parallel else calls[:1]
+
+    def message(self, text: str) -> tuple[dict[str, Any], bool]:
+        """The whole message, and whether it called tools."""
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.reasoning is not None:
+            sp = split(self.reasoning, text)
+            msg["reasoning_content"], msg["content"] = sp.reasoning or None, sp.content
+        if self.fmt is not None:
+            parsed = self.fmt.parse(msg["content"], self.names)
+            if parsed.calls:
+                msg["content"] = parsed.content or None
+                msg["tool_calls"] = [c.openai() for c in self._calls(parsed.calls)]
+                return msg, True
+        return msg, False
+
+    def deltas(self, text: str, final: bool) -> tuple[list[dict[str, Any]], bool]:
+        """Stream deltas for the cumulative text; the bool says tool calls went out."""
+        out: list[dict[str, Any]] = []
+        content = text
+        if self._rs is not None:
+            d = self._rs.update(text, final)
+            if d.reasoning:
+                out.append({"reasoning_content": d.reasoning})
+            content = self._rs.sent.content
+        if self._ts is None:
+            if len(content) > self._sent:
+                out.append({"content": content[self._sent:]})
+                self._sent = len(content)
+            return out, False
+        if not final:
+            if c := self._ts.content_delta(content):
+                out.append({"content": c})
+            return out, False
+        rest, calls = self._ts.finish(content)
+        if rest:
+            out.append({"content": rest})
+        for i, c in enumerate(self._calls(calls)):
+            out.append({"tool_calls": [{"index": i, "id": c.id, "type": "function",
+                                        "function": {"name": c.name, "arguments": ""}}]})
+            out.append({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]})
+        return out, bool(calls)
 
 
 def response_schema(body: ChatCompletionRequest) -> str | None:
@@ -283,15 +356,16 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     model = state.check_model(body.model)
     engine, text = client.engine, state.token_text
     assert text is not None
-    if body.tools and body.tool_choice != "none":
-        raise bad_request("tools: tool calling is not supported", "tools")
+    tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    fmt = format_for(state.tool_call_parser, state.chat_template or getattr(engine.tokenizer, "chat_template", None)) \
+        if tools is not None else None
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise bad_request("top_logprobs: requires logprobs=true", "top_logprobs")
         if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad_request(f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}",
                               "top_logprobs")
-    ids = render_messages(state, body)
+    ids = render_messages(state, body, tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = max(engine.context_len - len(ids), 0)
@@ -299,6 +373,12 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         check_max_tokens(max_tokens, 1)
     check_context(engine.context_len, len(ids), max_tokens, "messages")
     params = sampling_params(body, max_tokens, response_schema(body))
+    if tools is not None and tools.forced is not None:
+        assert fmt is not None
+        if any(k in params for k in ("regex", "json_schema", "ebnf")):
+            raise bad_request(f"tool_choice: {body.tool_choice!r} constrains the output; it cannot be combined "
+                              f"with response_format, regex, json_schema or ebnf", "tool_choice")
+        params["ebnf"] = fmt.grammar(tools.forced, tools.parallel)
     lp = LogprobArgs(body.logprobs, body.top_logprobs or 0, -1)
     base = body.rid or new_rid()
     n = body.n
@@ -309,10 +389,11 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         choices = []
         for idx, out in enumerate(outs):
             meta = out["meta_info"]
+            message, called = ChatOutput(state, body, tools, fmt).message(out["text"])
             choices.append({
-                "index": idx, "message": {"role": "assistant", "content": out["text"]},
+                "index": idx, "message": message,
                 "logprobs": chat_logprobs(output_entries(meta), text) if body.logprobs else None,
-                "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta)})
+                "finish_reason": "tool_calls" if called else finish_reason(meta), "matched_stop": matched_stop(meta)})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                              "choices": choices, "usage": usage(outs, n), "system_fingerprint": None})
 
@@ -324,24 +405,33 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                     "choices": [choice]})
 
     async def events() -> AsyncIterator[bytes]:
-        prev_text, prev_n, started = [""] * len(group), [0] * len(group), [False] * len(group)
+        prev_n, started = [0] * len(group), [False] * len(group)
+        views = [ChatOutput(state, body, tools, fmt) for _ in range(len(group))]
+        called = [False] * len(group)
         tracker = _UsageTracker(len(group), n)
         async for i, out in group.events():
             meta = out["meta_info"]
             if meta.get("error"):
                 yield _stream_error(APIError(f"generation failed: {meta['error']}", 500))
                 break
-            delta = out["text"][len(prev_text[i]):]
+            final = meta["finish_reason"] is not None
+            deltas, called_now = views[i].deltas(out["text"], final)
+            called[i] = called[i] or called_now
             new_tokens = len(out["output_ids"]) > prev_n[i]
-            if new_tokens or delta:
-                d = {"content": delta} if started[i] else {"role": "assistant", "content": delta}
-                logprobs = chat_logprobs(output_entries(meta, prev_n[i]), text) if body.logprobs else None
+            if new_tokens and body.logprobs and not deltas:
+                deltas = [{"content": ""}]
+            for k, d in enumerate(deltas):
+                if not started[i]:
+                    d = {"role": "assistant", **d}
+                    started[i] = True
+                logprobs = chat_logprobs(output_entries(meta, prev_n[i]), text) if body.logprobs and k == 0 \
+                    else None
                 yield chunk({"index": i, "delta": d, "logprobs": logprobs, "finish_reason": None})
-                started[i] = True
-            prev_text[i], prev_n[i] = out["text"], len(out["output_ids"])
-            if meta["finish_reason"] is not None:
+            prev_n[i] = len(out["output_ids"])
+            if final:
                 tracker.add(i, out)
-                yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(meta),
+                yield chunk({"index": i, "delta": {}, "logprobs": None,
+                             "finish_reason": "tool_calls" if called[i] else finish_reason(meta),
                              "matched_stop": matched_stop(meta)})
         if include_usage:
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -65,6 +65,9 @@ class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    reasoning_content: str | None = None
 
 
 class JsonSchemaFormat(_Body):
@@ -86,8 +89,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    separate_reasoning: bool = True  # with --reasoning-parser: reasoning_content apart from content
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 

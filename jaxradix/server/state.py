@@ -53,6 +53,16 @@ class ServerState:
         self.served_names: list[str] = [DEFAULT_MODEL_NAME]
         self.token_text: TokenTexts | None = None
         self.metrics: Metrics | None = Metrics(lambda: self.engine) if enable_metrics else None
+        self.chat_template: str | None = None  # replaces the tokenizer's template in /v1/chat/completions
+        self.tool_call_parser: str | None = None  # None: chosen from the chat template
+        self.reasoning_parser: str | None = None
+
+    def configure(self, *, chat_template: str | None = None, tool_call_parser: str | None = None,
+                  reasoning_parser: str | None = None) -> None:
+        """The chat options of launch_server's flags (--chat-template, --tool-call-parser, --reasoning-parser)."""
+        self.chat_template = chat_template
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
 
     def set_engine(self, engine: Any) -> None:
         self.model_path = model_path_of(engine)
