@@ -38,7 +38,8 @@ ENGINE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--model-path", "--model", default=None,
                     help="HF directory or Hugging Face model id, .gguf file or orbax checkpoint (default: the "
                     "embedded SmolLM2-135M-Instruct)")
