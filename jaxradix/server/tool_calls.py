@@ -285,6 +285,15 @@ class Llama3Format(ToolFormat):
 class MistralFormat(ToolFormat):
     name, start = "mistral", "[TOOL_CALLS]"
 
+    def may_start(self, text: str) -> int:
+        body = text.lstrip()
+        if body.startswith("[") or body.startswith("[{"[:len(body)]):  # the bare array (marker skipped)
+            return len(text) - len(body)
+        return super().may_start(text)
+
+    def definite(self, rest: str) -> bool:
+        return rest.startswith(self.start) or rest.startswith("[{")
+
     def grammar(self, functions: list[Function], parallel: bool) -> str:
         schema = {"type": "array", "items": _call_schema(functions, self.args_key), "minItems": 1}
         if not parallel:
@@ -294,13 +303,15 @@ class MistralFormat(ToolFormat):
     def parse(self, text: str, names: set[str]) -> Parsed:
         i = text.find(self.start)
         if i < 0:
-            return Parsed(text, [])
+            if not text.lstrip().startswith("[{"):  # [TOOL_CALLS] is a special token: skipped when decoding
+                return Parsed(text, [])
+            i = len(text) - len(text.lstrip()) - len(self.start)
         calls = []
         for v, _, _ in _json_objects(text[i + len(self.start):]):
             for obj in v if isinstance(v, list) else [v]:
                 if (c := _call(obj, self.args_key, names)) is not None:
                     calls.append(c)
-        return Parsed(text[:i].strip(), calls) if calls else Parsed(text, [])
+        return Parsed(text[:max(i, 0)].strip(), calls) if calls else Parsed(text, [])
 
 
 PARSERS: dict[str, ToolFormat] = {"qwen25": Qwen25Format(), "qwen": Qwen25Format(), "llama3": Llama3Format(),
