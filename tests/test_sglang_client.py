@@ -150,3 +150,14 @@ def test_stream_interval_and_watched_stream(http):
     events = _sse(r.text)
     assert events[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": "6,"}
     assert "6," not in events[-1]["text"]
+
+
+def test_watched_request_aborted_when_the_client_leaves(http):
+    """A non-streamed stop_regex request whose client disconnects is aborted (and frees its pages: conftest)."""
+    engine = get_engine()
+    before = engine.stats["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/generate", timeout=1.5, json={"text": "Once upon a time", "sampling_params": {
+            "max_new_tokens": 900, "ignore_eos": True, "stop_regex": "zzzz never"}})
+    engine.wait_idle(timeout=120)
+    assert engine.stats["generated_tokens"] - before < 900

@@ -223,3 +223,20 @@ def test_bad_tools_and_tool_messages_get_a_400(server, extra, needle):
     body = {"model": "default", "messages": ASK, "max_tokens": 4, **extra}
     r = httpx.post(f"{server[1]}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_auto_parses_calls_and_streams_the_content_before_them(server, oai):
+    use(server, "qwen25")
+    forced = r'Checking\. <tool_call>\n\{"name": "get_time", "arguments": \{\}\}\n</tool_call>'
+    kw = dict(model="default", messages=ASK, tools=TOOLS, temperature=0, max_tokens=48, extra_body={"regex": forced})
+    choice = oai.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
+    content, names, finish = "", [], None
+    for chunk in oai.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            assert not (ch.delta.content and names), "content after a tool call began"
+            content += ch.delta.content or ""
+            names += [d.function.name for d in ch.delta.tool_calls or [] if d.function.name]
+            finish = ch.finish_reason or finish
+    assert (content, names, finish) == ("Checking. ", ["get_time"], "tool_calls")

@@ -16,7 +16,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jaxradix import __version__
-from jaxradix.server.engine_client import EngineClient, LogprobArgs, check_output, engine_errors, new_rid
+from jaxradix.server.engine_client import (
+    DISCONNECT_POLL_S,
+    EngineClient,
+    LogprobArgs,
+    check_output,
+    engine_errors,
+    new_rid,
+)
 from jaxradix.server.errors import APIError, bad_request
 from jaxradix.server.metrics import engine_load
 from jaxradix.server.protocol import AbortRequest, GenerateRequest
@@ -110,7 +117,7 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
     text = state.token_text if body.return_text_in_logprobs else None
 
     if any(ns.server_side for ns in nss):
-        return await _generate_watched(client, body.stream, single, ids, nss, lp, rids, text)
+        return await _generate_watched(client, request, body.stream, single, ids, nss, lp, rids, text)
     params = [ns.engine for ns in nss]
     if not body.stream:
         outs = await client.generate(request, ids, params, lp, rids)
@@ -144,15 +151,27 @@ def _due(out: dict, interval: int) -> bool:
         or len(out["output_ids"]) % interval == 0
 
 
-async def _generate_watched(client: EngineClient, stream: bool, single: bool, ids: list[list[int]],
-                            nss: list[NativeSampling], lp: LogprobArgs, rids: list[str],
+async def _generate_watched(client: EngineClient, request: Request, stream: bool, single: bool,
+                            ids: list[list[int]], nss: list[NativeSampling], lp: LogprobArgs, rids: list[str],
                             text: TokenTexts | None) -> Response:
     streams = []
     for x, ns, rid in zip(ids, nss, rids, strict=True):
         for i in range(ns.n):
             streams.append(watched_choice(client, x, ns, lp, rid if ns.n == 1 else f"{rid}-{i}", i))
     if not stream:
-        outs = await asyncio.gather(*(_last(s) for s in streams), return_exceptions=True)
+        task = asyncio.ensure_future(asyncio.gather(*(_last(s) for s in streams), return_exceptions=True))
+        try:
+            while not task.done():  # a client that goes away cancels its requests (each stream aborts its own)
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+            if task.cancelled():
+                return Response(status_code=499)  # nobody is listening
+            outs = task.result()
+        finally:
+            for s in streams:
+                with contextlib.suppress(Exception):
+                    await s.aclose()  # type: ignore[attr-defined]
         for o in outs:
             if isinstance(o, BaseException):
                 raise o
