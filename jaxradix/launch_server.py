@@ -108,6 +108,9 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     if template is not None and os.path.isfile(template):
         with open(template) as f:
             template = f.read()
+    elif template is not None and "{{" not in template and "{%" not in template:
+        raise ValueError(f"--chat-template {template!r}: neither a Jinja template file nor template text "
+                         f"(SGLang's named templates are not supported; pass the template file)")
     return {"chat_template": template, "tool_call_parser": args.tool_call_parser,
             "reasoning_parser": args.reasoning_parser}
 
@@ -144,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
             kwargs["model_path"] = str(resolve_model_path(args.model_path, args.revision))
         except (ValueError, FileNotFoundError) as e:
             ap.error(str(e))
-    options = server_options(args)
+    try:
+        options = server_options(args)
+    except ValueError as e:
+        ap.error(str(e))
 
     import uvicorn
 

@@ -43,6 +43,8 @@ def test_flags_that_are_not_sglangs_are_errors(capsys):
     assert "--no-such-flag" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--tool-call-parser", "nonsense"])
+    with pytest.raises(ValueError, match="chat-template"):
+        server_options(build_parser().parse_args(["--chat-template", "chatml"]))
 
 
 def test_ignored_flags_warn_at_launch(monkeypatch, caplog):
