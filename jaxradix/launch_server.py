@@ -2,6 +2,7 @@
 
     python -m jaxradix.launch_server                       # the embedded SmolLM2-135M-Instruct
     python -m jaxradix.launch_server --model-path /path/to/hf_dir --port 30000 --enable-metrics
+    python -m jaxradix.launch_server --dp-size 2 --router-policy cache_aware  # 2 replicas behind SGLang's router
 
 Flags carry SGLang's names; engine flags left unset take EngineConfig's defaults. Every other flag of
 SGLang's launch_server is accepted with a warning that it has no effect here.
@@ -12,12 +13,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
 from typing import Any
 
 from jaxradix.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, KV_CACHE_DTYPES, SCHEDULE_POLICIES, EngineConfig
+from jaxradix.server.data_parallel import ALL_POLICIES
 from jaxradix.sglang_flags import BOOL_FLAGS, VALUE_FLAGS
 
 TOOL_PARSERS = ("llama3", "qwen25", "qwen", "mistral")  # jaxradix.server.tool_calls.PARSERS
@@ -86,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
     eng.add_argument("--grammar-backend", default=None, choices=GRAMMAR_BACKENDS)
     eng.add_argument("--random-seed", type=int, default=None)
+    dp = ap.add_argument_group("data parallelism: N workers behind SGLang's router (pip install -e '.[router]')")
+    dp.add_argument("--dp-size", type=int, default=1, help="number of model replicas (worker processes)")
+    dp.add_argument("--router-policy", default="cache_aware", choices=ALL_POLICIES,
+                    help="the router's policy (cache_aware: send a request where its prefix is cached)")
+    dp.add_argument("--router", default="auto", choices=("auto", "sglang_router", "smg"),
+                    help="which router package runs (auto: sglang_router if installed, else smg)")
+    dp.add_argument("--router-args", default="", help="more launch_router flags, e.g. \"--cache-threshold 0.5\"")
+    dp.add_argument("--base-gpu-id", type=int, default=0, help="first device of replica 0")
+    dp.add_argument("--gpu-id-step", type=int, default=1, help="distance between consecutive devices")
+    dp.add_argument("--worker-restarts", type=int, default=2,
+                    help="times a dead worker is started again (0: it is only removed from the router)")
     ignored = ap.add_argument_group("SGLang flags with no effect here (accepted with a warning)")
     known = set(ap._option_string_actions)
     for name in sorted(BOOL_FLAGS | VALUE_FLAGS):
@@ -115,6 +130,60 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
             "reasoning_parser": args.reasoning_parser}
 
 
+# flags of the launcher itself, not passed on to the workers
+DP_ONLY = frozenset({"help", "host", "port", "dp_size", "router_policy", "router", "router_args", "base_gpu_id",
+                     "gpu_id_step", "worker_restarts"})
+
+
+def worker_argv(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The flags a worker gets: every flag given that is not the launcher's own (SGLang flags that
+    jaxradix ignores are warned about once, here, and not passed on)."""
+    out: list[str] = []
+    for action in ap._actions:
+        value = getattr(args, action.dest, None)
+        if (action.dest in DP_ONLY or action.dest.startswith("ignored__") or not action.option_strings
+                or value == action.default):
+            continue
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            out.append(action.option_strings[0])
+        elif isinstance(value, list):
+            out += [action.option_strings[0], *map(str, value)]
+        else:
+            out += [action.option_strings[0], str(value)]
+    return out
+
+
+def serve_data_parallel(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from jaxradix.server.data_parallel import DataParallelConfig, DataParallelServer, RouterNotInstalled
+
+    cfg = DataParallelConfig(
+        worker_args=worker_argv(ap, args), dp_size=args.dp_size, host=args.host, port=args.port,
+        router_policy=args.router_policy, router=args.router, router_args=shlex.split(args.router_args),
+        tp_size=getattr(args, "tp_size", None) or 1, base_gpu_id=args.base_gpu_id, gpu_id_step=args.gpu_id_step,
+        worker_restarts=args.worker_restarts, api_key=args.api_key)
+    try:
+        server = DataParallelServer(cfg)
+    except (RouterNotInstalled, ValueError) as e:
+        ap.error(str(e))
+
+    def on_signal(signum: int, _: object) -> None:
+        logger.info("signal %d: stopping the router and %d workers", signum, cfg.dp_size)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except RuntimeError as e:
+        logger.error("%s", e)
+        sys.exit(1)
+    print(f"jaxradix: {cfg.dp_size} workers behind {server.module} ({cfg.router_policy}) are ready: "
+          f"serving at http://{args.host}:{args.port}", flush=True)
+    code = server.wait()
+    server.stop()
+    sys.exit(code)
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = {field: getattr(args, dest) for dest, field in ENGINE_FLAGS.items() if getattr(args, dest) is not None}
     if args.disable_radix_cache:
@@ -132,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         EngineConfig.from_kwargs(**kwargs)  # flag errors now, before anything loads
     except (TypeError, ValueError) as e:
         ap.error(str(e))
+    if args.dp_size < 1:
+        ap.error(f"--dp-size: must be >= 1, got {args.dp_size}")
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     for flag in ignored_flags(args):
         logger.warning("%s is an SGLang flag with no meaning in jaxradix: ignored", flag)
@@ -151,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         options = server_options(args)
     except ValueError as e:
         ap.error(str(e))
+    if args.dp_size > 1:
+        serve_data_parallel(ap, args)
+        return
 
     import uvicorn
 

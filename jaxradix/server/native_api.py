@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jaxradix import __version__
+from jaxradix.server.data_parallel import worker_identity
 from jaxradix.server.engine_client import (
     DISCONNECT_POLL_S,
     EngineClient,
@@ -336,6 +337,7 @@ def native_router(state: ServerState) -> APIRouter:
         return Response(status_code=200)
 
     @router.get("/get_model_info")
+    @router.get("/model_info")  # SGLang's current name; the router asks for it first
     async def get_model_info() -> dict[str, Any]:
         engine = state.require().engine
         mc = engine.model_config
@@ -353,8 +355,33 @@ def native_router(state: ServerState) -> APIRouter:
             "max_total_num_tokens": pool.capacity * pool.page_size if pool is not None else None,
             "stats": dict(engine.stats), **engine_load(engine),
             "cache": await asyncio.to_thread(engine.cache_stats),
+            # what SGLang's router reads at registration (each jaxradix worker is one replica)
+            "model_path": state.model_path, "tp_size": getattr(engine.config, "tp_size", 1), "dp_size": 1,
+            **worker_identity(),
         }
         return JSONResponse(_jsonable(info))
+
+    def load(engine: Any) -> dict[str, Any]:
+        pool = getattr(engine, "pool", None)
+        capacity = pool.capacity * pool.page_size if pool is not None else 0
+        now = engine_load(engine)
+        return {"dp_rank": 0, "num_running_reqs": now["num_running_reqs"], "num_waiting_reqs": now["num_queue_reqs"],
+                "num_used_tokens": int(round(now["token_usage"] * capacity)), "max_total_num_tokens": capacity,
+                "token_usage": now["token_usage"], "cache_hit_rate": now["cache_hit_rate"],
+                "max_running_requests": engine.config.max_running_requests}
+
+    @router.get("/get_load")
+    async def get_load() -> list[dict[str, Any]]:
+        """SGLang's per-rank load list; sglang-router's power_of_two policy sums num_tokens."""
+        now = load(state.require().engine)
+        return [{"dp_rank": 0, "num_reqs": now["num_running_reqs"] + now["num_waiting_reqs"],
+                 "num_waiting_reqs": now["num_waiting_reqs"], "num_tokens": now["num_used_tokens"]}]
+
+    @router.get("/v1/loads")
+    async def loads() -> dict[str, Any]:
+        """SGLang's /v1/loads (what smg's load monitor reads: num_used_tokens per rank)."""
+        now = load(state.require().engine)
+        return {"version": __version__, "dp_rank_count": 1, "loads": [now]}
 
     router.add_api_route("/get_server_info", server_info, methods=["GET"])
     router.add_api_route("/server_info", server_info, methods=["GET"])
