@@ -57,6 +57,7 @@ def test_worker_sees_only_its_devices() -> None:
     tpu = worker_env("tpu", (2,), 2, {})
     assert (tpu["TPU_VISIBLE_CHIPS"], tpu["TPU_CHIPS_PER_PROCESS_BOUNDS"]) == ("2", "1,1,1")
     assert dp.available_devices("cpu", {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) == 4
+    assert dp.available_devices("cpu", {}) is None  # each CPU worker has its own host device
 
 
 def test_workers_get_every_flag_but_the_launchers() -> None:
@@ -179,10 +180,15 @@ def test_every_route_the_router_calls_works(cluster: Cluster, module: str) -> No
         assert events[-1] == "[DONE]" and len(events) >= 3
         status, out = http_json("POST", f"{url}/flush_cache")
         assert status == 200 and out["workers_flushed"] == 2
-        status, out = http_json("GET", f"{url}/get_loads")  # the router reads each worker's load route
-        assert status == 200
-        loads = out["workers"] if "workers" in out else out["loads"]
-        assert len(loads) == 2 and all(x.get("load", x.get("num_used_tokens", -1)) >= 0 for x in loads)
+        deadline = time.monotonic() + 30
+        while True:  # the router reads each worker's load route (smg lists a worker once it is ready)
+            status, out = http_json("GET", f"{url}/get_loads")
+            assert status == 200
+            loads = [x.get("load", x.get("num_used_tokens", -1)) for x in out.get("workers", out.get("loads"))]
+            if len(loads) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(loads) == 2 and min(loads) >= 0, out
         status, out = http_json("GET", f"{url}/readiness")
         assert status == 200 and out["healthy_workers"] == 2
     finally:
@@ -190,7 +196,7 @@ def test_every_route_the_router_calls_works(cluster: Cluster, module: str) -> No
             proc.stop()
 
 
-def multi_tenant_prompts(tenants: int = 4, per_tenant: int = 16, system_words: int = 300) -> list[str]:
+def multi_tenant_prompts(tenants: int = 4, per_tenant: int = 16, system_words: int = 200) -> list[str]:
     """Interleaved tenants 0, 1, 2, 3, 0, 1, ...: each with a long system prompt, short questions."""
     rng = random.Random(0)
     vocab = "the of and to in is was for it with as his on be at by had are but from or have an they".split()
@@ -265,3 +271,12 @@ def test_a_worker_killed_mid_run_is_removed_and_nothing_hangs(cluster: Cluster) 
         time.sleep(0.2)
     assert listed == [server.workers[0].url]
     assert generate(server.url, "Still there?")[0] == 200
+
+
+def test_workers_that_cannot_start_are_reported(tmp_path: os.PathLike) -> None:
+    missing = os.path.join(tmp_path, "no-such-model.gguf")
+    server = DataParallelServer(DataParallelConfig(worker_args=["--model-path", missing], dp_size=1,
+                                                   port=free_port(), worker_restarts=0, echo=False))
+    with pytest.raises(RuntimeError, match=r"no worker became healthy:\nworker 0 .*exited with code 1"):
+        server.start()
+    assert server.router is None and server.workers[0].process.exit_code() == 1

@@ -92,11 +92,12 @@ def detect_platform(env: dict[str, str] | None = None) -> str:
 
 
 def available_devices(platform: str, env: dict[str, str] | None = None) -> int | None:
-    """How many devices this machine offers to the workers; None when unknown."""
+    """How many devices this machine offers to the workers; None when unknown or unlimited (CPU
+    workers without forced host devices each get their own host device)."""
     env = os.environ if env is None else env
     if platform == "cpu":
         m = FORCE_COUNT.search(env.get("XLA_FLAGS", ""))
-        return int(m.group(1)) if m else 1
+        return int(m.group(1)) if m else None
     if platform == "gpu":
         if env.get("CUDA_VISIBLE_DEVICES"):
             return len(env["CUDA_VISIBLE_DEVICES"].split(","))
@@ -244,11 +245,12 @@ def start_router(module: str, worker_urls: Sequence[str], policy: str, host: str
     return proc
 
 
-def wait_router_ready(router: ManagedProcess, url: str, timeout: float = 120.0, min_workers: int = 1) -> None:
+def wait_router_ready(router: ManagedProcess, url: str, timeout: float = 120.0, min_workers: int = 1,
+                      api_key: str | None = None) -> None:
     """Until the router answers /readiness 200 (at least `min_workers` healthy workers)."""
     deadline = time.monotonic() + timeout
     while True:
-        status, body = http_json("GET", f"{url}/readiness", timeout=5)
+        status, body = http_json("GET", f"{url}/readiness", timeout=5, api_key=api_key)
         if status == 200 and isinstance(body, dict) and body.get("healthy_workers", 0) >= min_workers:
             return
         if router.exit_code() is not None:
@@ -382,13 +384,13 @@ class DataParallelServer:
         cfg = self.cfg
         self.router = start_router(self.module, [w.url for w in healthy], cfg.router_policy, cfg.host, cfg.port,
                                    api_key=cfg.api_key, extra=cfg.router_args, echo=cfg.echo)
-        wait_router_ready(self.router, self.url, min_workers=len(healthy))
+        wait_router_ready(self.router, self.url, min_workers=len(healthy), api_key=cfg.api_key)
         for w in healthy:
             w.in_router = True
             self._event(w, "added", f"behind {self.module} ({cfg.router_policy}) at {self.url}")
 
     def _router_worker_id(self, url: str) -> str | None:
-        status, body = http_json("GET", f"{self.url}/workers", timeout=10)
+        status, body = http_json("GET", f"{self.url}/workers", timeout=10, api_key=self.cfg.api_key)
         if status != 200 or not isinstance(body, dict):
             return None
         return next((w.get("id") for w in body.get("workers", []) if w.get("url") == url), None)
@@ -397,12 +399,14 @@ class DataParallelServer:
         wid = self._router_worker_id(w.url)
         status = 0
         if wid is not None:
-            status, _ = http_json("DELETE", f"{self.url}/workers/{urllib.parse.quote(wid)}", timeout=10)
+            status, _ = http_json("DELETE", f"{self.url}/workers/{urllib.parse.quote(wid)}", timeout=10,
+                                  api_key=self.cfg.api_key)
         w.in_router = False
         self._event(w, "removed", f"router answered {status}" if wid else "the router no longer lists it")
 
     def _add_to_router(self, w: Worker) -> None:
-        status, body = http_json("POST", f"{self.url}/workers", {"url": w.url}, timeout=10)
+        status, body = http_json("POST", f"{self.url}/workers", {"url": w.url}, timeout=10,
+                                 api_key=self.cfg.api_key)
         w.in_router = status in (200, 201, 202)
         self._event(w, "added" if w.in_router else "add_failed", f"router answered {status}: {body}")
 
