@@ -254,8 +254,11 @@ def test_a_worker_killed_mid_run_is_removed_and_nothing_hangs(cluster: Cluster) 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(generate, server.url, f"Story {i}: once upon a time", 24)
                    for i in range(8)]
-        time.sleep(1.0)
-        os.kill(victim.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (http_json("GET", f"{victim.url}/get_load")[1] or [{}])[0].get("num_reqs", 0) == 0:
+            assert time.monotonic() < deadline, "no request reached worker 1"
+            time.sleep(0.05)
+        os.kill(victim.process.pid, signal.SIGKILL)  # with requests running on it
         results = [f.result(timeout=180) for f in futures]
     # in-flight requests on the dead worker are retried on the other one by the router
     for status, out in results:
