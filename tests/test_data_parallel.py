@@ -155,7 +155,8 @@ def test_each_worker_reports_its_device_subset(cluster: Cluster) -> None:
 def test_every_route_the_router_calls_works(cluster: Cluster, module: str) -> None:
     if module == "smg":  # smg in front of the same workers
         port = free_port()
-        proc = start_router("smg", cluster.worker_urls, "cache_aware", "127.0.0.1", port, echo=False)
+        proc = start_router("smg", cluster.worker_urls, "cache_aware", "127.0.0.1", port, echo=False,
+                            extra=["--health-check-interval-secs", "1"])  # it lists loads of healthy workers
         url = f"http://127.0.0.1:{port}"
     else:
         proc, url = None, cluster.server.url
@@ -227,6 +228,7 @@ def test_cache_aware_computes_far_fewer_prefill_tokens_than_round_robin(cluster:
     wait_router_ready(cluster.early, cluster.early_url, min_workers=2)  # it found the late workers
     aware, aware_split = prefill_tokens(cluster.server.url, cluster.worker_urls, prompts)
     robin, robin_split = prefill_tokens(cluster.early_url, cluster.worker_urls, prompts)
+    print(f"prefill tokens computed: cache_aware {aware} {aware_split}, round_robin {robin} {robin_split}")
     assert robin_split == [32, 32]
     assert min(aware_split) >= 16  # tenants spread over both workers, not piled on one
     # each system prompt once in all (cache_aware) vs once per worker (round robin)
