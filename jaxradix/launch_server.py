@@ -177,6 +177,8 @@ def serve_data_parallel(ap: argparse.ArgumentParser, args: argparse.Namespace) -
     except RuntimeError as e:
         logger.error("%s", e)
         sys.exit(1)
+    if server.stopping:
+        sys.exit(0)
     print(f"jaxradix: {cfg.dp_size} workers behind {server.module} ({cfg.router_policy}) are ready: "
           f"serving at http://{args.host}:{args.port}", flush=True)
     code = server.wait()

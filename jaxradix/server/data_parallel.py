@@ -34,7 +34,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 logger = logging.getLogger("jaxradix.dp")
 
@@ -271,13 +271,16 @@ class Worker:
     exit_handled: bool = False  # its current exit was reported (and a restart, if any, begun)
 
 
+EventKind = Literal["started", "healthy", "died", "removed", "restarted", "added", "add_failed"]
+
+
 @dataclass(frozen=True)
 class WorkerEvent:
-    """Something the launcher did about a worker: started, healthy, died, removed, restarted, added."""
+    """Something that happened to a worker, or that the launcher did about it."""
 
     rank: int
     url: str
-    kind: str
+    kind: EventKind
     detail: str = ""
 
 
@@ -339,6 +342,8 @@ class DataParallelServer:
                 w.process.start()
                 self._event(w, "started", f"pid {w.process.pid}, devices {list(w.device_ids)} ({self.platform})")
             healthy = self._wait_healthy(self.workers, self.cfg.startup_timeout)
+            if self._stopping.is_set():  # stop() during start-up (Ctrl-C): nothing more to start
+                return
             if not healthy:
                 raise RuntimeError("no worker became healthy:\n" + "\n".join(
                     f"worker {w.rank} ({w.url}): {e.detail}" for w in self.workers for e in self.events
@@ -352,6 +357,10 @@ class DataParallelServer:
                 threading.Thread(target=self._restart, args=(w,), daemon=True).start()
         self._monitor = threading.Thread(target=self._watch, name="jaxradix-dp-monitor", daemon=True)
         self._monitor.start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def stop(self) -> None:
         """Router first (no new requests reach a stopping worker), then every worker."""
@@ -418,6 +427,8 @@ class DataParallelServer:
         deadline = time.monotonic() + timeout
         while pending and not self._stopping.is_set():
             for w in list(pending):
+                if self._stopping.is_set():
+                    break
                 code = w.process.exit_code()
                 if code is not None:
                     pending.remove(w)
@@ -462,7 +473,7 @@ class DataParallelServer:
                 w.exit_handled = False
                 return
 
-    def _event(self, w: Worker, kind: str, detail: str = "") -> None:
+    def _event(self, w: Worker, kind: EventKind, detail: str = "") -> None:
         ev = WorkerEvent(w.rank, w.url, kind, detail)
         with self._lock:
             self.events.append(ev)
