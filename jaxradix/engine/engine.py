@@ -60,7 +60,7 @@ class _Launched:
     rows: list[Row]
     step: LaunchedStep
     decode: bool  # decode rows only
-    host_seconds: float  # host time spent on this step: scheduling, batch building, dispatch, then reading
+    host_seconds: float  # host time spent on this step: scheduling, batch building, then reading results
     gap_seconds: float  # device idle time before it, as the host saw it (an upper bound)
     seen_running: float = 0.0  # the last time the host saw the device still running this step
     ended: bool = False
@@ -116,7 +116,7 @@ class Engine:
         self._inflight: _Launched | None = None  # overlap: the step the device runs while the host plans
         self._last: _Launched | None = None  # the last step launched, for the gap between device steps
         self._exhausted: list[Request] = []  # out of KV while a token is on the device: finish once read
-        # host_seconds: scheduling + batch building + dispatch + reading results, per step;
+        # host_seconds: scheduling + batch building + reading results (not the dispatch call), per step;
         # gap_seconds: device idle time between consecutive steps as the host saw it (an upper bound)
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "requests": 0,
                       "steps": 0, "decode_steps": 0, "retractions": 0,
@@ -432,19 +432,19 @@ class Engine:
                     r.req.grammar.fill_mask(masks[i])
         inp = build_step(rows, bucket, self.pool.page_size, self.runner.max_pages, self.runner.mask_words, masks)
         want_lp = any(r.prompt_logprobs for r in rows)
+        sched.after_step(rows)
+        for row in rows:
+            if row.samples:
+                row.req.pending += 1
         gap = 0.0
         if self._last is not None:
             self._last.poll()
             if self._last.ended:
                 gap = time.perf_counter() - self._last.seen_running
+        host = time.perf_counter() - t_host  # the dispatch may run the step itself (CPU): not host time
         step = self.runner.launch(inp, bucket, want_lp)
-        sched.after_step(rows)
-        for row in rows:
-            if row.samples:
-                row.req.pending += 1
         decode = not (res.new_seqs or res.new_tokens)
-        self._last = launched = _Launched(rows, step, decode, time.perf_counter() - t_host, gap,
-                                          seen_running=time.perf_counter())
+        self._last = launched = _Launched(rows, step, decode, host, gap, seen_running=time.perf_counter())
         self.stats["steps"] += 1
         self.stats["overlapped_steps"] += prev is not None  # launched before the previous step was read
         self.stats["prefill_tokens"] += res.new_tokens
