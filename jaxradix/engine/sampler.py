@@ -138,7 +138,7 @@ def _search(
         return (jnp.take_along_axis(t, c[:, None], axis=-1)[:, 0],
                 jnp.take_along_axis(t, c[:, None] + 1, axis=-1)[:, 0])
 
-    return jax.lax.fori_loop(0, passes, one_pass, (lo, hi))[0]
+    return jax.lax.fori_loop(0, passes, one_pass, (lo, hi), unroll=True)[0]  # no loop predicate to sync
 
 
 def filter_logits(
