@@ -13,7 +13,13 @@ import pytest
 from conftest import get_engine
 
 from jaxradix import SamplingParams
+from jaxradix.cache.page_pool import PagePool
+from jaxradix.cache.radix_cache import RadixCache
+from jaxradix.engine.batch import Bucket, build_step
+from jaxradix.engine.request import Request
+from jaxradix.engine.scheduler import Scheduler
 from jaxradix.launch_server import build_parser, engine_kwargs
+from jaxradix.models.model_config import ModelConfig
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
 SHORT = ["The capital of France is", "def fibonacci(n):", "The capital of France is a city where"]
@@ -131,3 +137,40 @@ def test_server_flag_turns_overlap_off():
     args = build_parser().parse_args(["--disable-overlap-schedule"])
     assert engine_kwargs(args)["disable_overlap_schedule"] is True
     assert "disable_overlap_schedule" not in engine_kwargs(build_parser().parse_args([]))
+
+
+def test_scheduler_plans_with_tokens_still_on_the_device():
+    """Host only: a token launched but unread counts in the plan and feeds the next row from the device."""
+    cfg = ModelConfig("llama", vocab_size=64, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                      num_kv_heads=1, head_dim=8)
+    pool = PagePool(cfg, 64, 4, jax.numpy.float32)
+    sched = Scheduler(pool, RadixCache(page_size=4, free_slots=pool.free_slots), num_slots=2, context_len=32,
+                      chunk_size=16, policy="fcfs", new_token_ratio=0.7, min_new_token_ratio=0.15)
+    a = Request("a", [1, 2, 3, 4, 5], SamplingParams(temperature=0, max_new_tokens=3))
+    sched.add(a)
+
+    def launch():
+        rows = sched.schedule().rows
+        inp = build_step(rows, Bucket(16, 2), 4, max_pages=8, mask_words=2)
+        sched.after_step(rows)
+        a.pending += sum(r.samples for r in rows)
+        return rows, inp
+
+    rows, _ = launch()  # the prompt; its token stays on the device
+    assert [(r.start, r.n, r.samples) for r in rows] == [(0, 5, True)]
+    rows, inp = launch()  # scheduled before the first token is read
+    assert [(r.start, r.n) for r in rows] == [(5, 1)] and a.pending == 2
+    assert inp.input_from_slot[0] == a.slot and inp.sampling.step[0] == 1 and inp.sampling.keep[0]
+    a.output_ids.append(9)  # the first token is read
+    a.pending -= 1
+    rows, inp = launch()
+    assert [(r.start, r.n) for r in rows] == [(6, 1)] and inp.input_from_slot[0] == a.slot
+    a.output_ids.append(10)
+    a.pending -= 1
+    assert a.will_finish and sched.schedule().rows == []  # its pending token is the last one: no row
+    b = Request("b", [7, 8], SamplingParams(max_new_tokens=4))
+    b.pending = 1  # retracted while its token was on the device: waits for it
+    sched.add(b)
+    assert sched.schedule().rows == [] and b.slot < 0
+    sched.release(a)
+    sched.check_integrity()
