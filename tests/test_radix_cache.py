@@ -216,6 +216,26 @@ def test_reset():
     assert cache.match_prefix([1, 2, 3]).slots.tolist() == [5, 6, 7]
 
 
+
+def test_snapshot_nodes_locks_and_namespaces():
+    cache = RadixCache(page_size=2)
+    cache.insert([1, 2, 3, 4], arange(10, 4))
+    cache.insert([1, 2, 5, 6, 7], arange(20, 5))  # splits [1,2,3,4] at 2; token 7 is not a whole page
+    cache.insert([1, 2], arange(30, 2), extra_key="other")
+    cache.lock(cache.match_prefix([1, 2, 5, 6]).node)
+    views = cache.snapshot()
+    assert len(views) == cache.stats().num_nodes == 4
+    assert [v.index for v in views] == list(range(4))
+    by_ids = {(v.extra_key, v.token_ids): v for v in views}
+    shared, left, right = by_ids[(None, (1, 2))], by_ids[(None, (3, 4))], by_ids[(None, (5, 6))]
+    assert shared.parent is None and left.parent == right.parent == shared.index
+    assert all(v.parent is None or v.parent < v.index for v in views)  # parents first
+    assert (shared.lock_ref, left.lock_ref, right.lock_ref) == (1, 0, 1)
+    assert right.hit_count == 1 and left.hit_count == 0
+    assert by_ids[("other", (1, 2))].parent is None
+    with pytest.raises(AttributeError):
+        shared.lock_ref = 0  # a copy: the tree is never changed through it
+
 # ---------------------------------------------------------------------------------------------
 # Property test: the tree against a naive model that maps every cached page-aligned token prefix to
 # the slots of its last page (pages are atomic: [1, 0] and [1, 1] share no slot when page_size is 2).

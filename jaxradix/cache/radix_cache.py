@@ -50,6 +50,19 @@ class RadixStats:
     shared_prefixes: int  # nodes matched by at least one request (hit_count > 0)
 
 
+@dataclass(frozen=True)
+class NodeView:
+    """A read-only copy of one tree node, for drawing and inspection (RadixCache.snapshot)."""
+
+    index: int  # position in the snapshot list
+    parent: int | None  # index of the parent node; None when the parent is a namespace root
+    extra_key: str | None  # the namespace (extra_key) the node lives under
+    token_ids: tuple[int, ...]  # the node's own part of the key; len % page_size == 0
+    lock_ref: int  # > 0: on the matched path of a running request, not evictable
+    hit_count: int  # how many matches went through this node
+    last_access: int  # LRU clock (larger = more recent)
+
+
 TokenIds = Sequence[int] | np.ndarray
 
 
@@ -199,6 +212,19 @@ class RadixCache:
             num_nodes=len(nodes),
             shared_prefixes=sum(n.hit_count > 0 for n in nodes),
         )
+
+    def snapshot(self) -> list[NodeView]:
+        """Every non-root node as a NodeView, parents before children. Read-only; take it on the
+        thread that owns the tree (or while nothing mutates it, e.g. an idle engine)."""
+        views: list[NodeView] = []
+        stack: list[tuple[TreeNode, int | None, str | None]] = [
+            (c, None, k) for k, r in self._roots.items() for c in r.children.values()][::-1]
+        while stack:
+            node, parent, key = stack.pop()
+            views.append(NodeView(len(views), parent, key, tuple(node.key.tolist()), node.lock_ref,
+                                  node.hit_count, node.last_access))
+            stack.extend((c, views[-1].index, key) for c in reversed(list(node.children.values())))
+        return views
 
     def all_slots(self) -> np.ndarray:
         """Every slot held by the tree (for the engine's leak check)."""
