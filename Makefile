@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxradix scripts tests examples
+	$(VENV)/bin/ruff check jaxradix scripts tests examples notebooks
 
 clean:
 	rm -rf $(VENV)
