@@ -63,7 +63,7 @@ def test_committed_without_outputs(path: Path):
     for cell in raw["cells"]:
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None, \
-                f"{path.name}: strip outputs before committing (cell {cell.get('id')})"
+                f"{path.name}: run scripts/strip_notebooks.py before committing (cell {cell.get('id')})"
     assert "widgets" not in raw["metadata"]
 
 
@@ -101,3 +101,21 @@ def test_radix_notebook_draws_its_figures(tmp_path: Path):
     text = "".join(o.get("text", "") for c in _code_cells(nb) for o in c.outputs if o.output_type == "stream")
     assert "KV Cache Hit Rate:" in text
     assert re.search(r"radix on: .* (\d+) of (\d+) prompt tokens computed", text)
+
+
+def test_strip_script_gives_the_committed_form(tmp_path: Path):
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("strip_notebooks", ROOT / "scripts" / "strip_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    src = NOTEBOOKS[0]
+    nb = nbformat.read(src, as_version=4)
+    for i, cell in enumerate(_code_cells(nb)):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+        cell.metadata["execution"] = {"iopub.execute_input": "2026-01-01T00:00:00Z"}
+    copy = tmp_path / src.name
+    nbformat.write(nb, copy)
+    assert module.strip(copy) and not module.strip(copy)
+    assert copy.read_text() == src.read_text()
