@@ -9,9 +9,10 @@ Prints one table (markdown):
   decode B     for B in --batches: the device time of one decode step at context --decode-context
                (the compiled step timed back to back, no host work in between) and the engine's wall
                time per decode step (B requests decoding together, the difference of two runs that
-               differ only in output length, so prefill and start-up cancel); their difference is the
-               exposed gap: host work (scheduling, batch building, result copy) the device waited for.
-               Host ms is the engine's own scheduling + batch-building time per decode step.
+               differ only in output length, so prefill and start-up cancel); their difference bounds
+               the exposed gap: host work (scheduling, batch building, result copy) the device waited
+               for. Host ms and the engine-measured gap are the engine's own per-decode-step stats
+               (decode_host_seconds, decode_gap_seconds; the gap is an upper bound seen from the host).
   offline      output tokens/s on SGLang's random workload (bench_serving --dataset-name random:
                --sglang-prompts prompts, input uniform in [1, 4096], output uniform in [1, 2048]) and
                on the 512/256 workload (--short-prompts requests x 512 prompt tokens, 256 output, at
@@ -166,6 +167,8 @@ class EngineStep:
 def engine_step(engine: Engine, batch: int, context: int, steps: tuple[int, int]) -> EngineStep:
     """`batch` requests decoding together: per-step wall time, and the engine's host and gap stats."""
     rng = np.random.default_rng(batch)
+    generate_all(engine, [random_ids(rng, engine, context - steps[1]) for _ in range(batch)], [steps[0]] * batch,
+                 None)  # warm-up: first-use costs stay out of the timed pair
     walls = []
     for n in steps:
         prompts = [random_ids(rng, engine, context - steps[1]) for _ in range(batch)]
