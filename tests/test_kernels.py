@@ -18,6 +18,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxradix.pallas_kernels import get_attention, write_kv
+from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.gpu import ragged_paged_attention as gpu_kernel
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.reference import ragged_paged_attention as reference
@@ -53,6 +54,7 @@ CASES = {
     ),
     "page1": Case((2, 1, 6), (9, 12, 6), B=3, S=1, MP=16, KH=2, G=2, D=64, sliding_window=5, shared_pages=3),
     "page64": Case((70, 1), (200, 150), B=3, S=64, MP=4, KH=1, G=1, D=64, sliding_window=40, soft_cap=10.0),
+    "gqa8": Case((1, 40, 1, 2), (70, 100, 3, 2), B=5, S=16, MP=8, KH=1, G=8, D=128, shared_pages=2),
 }
 
 
@@ -226,3 +228,41 @@ def test_kernels_lower_for_hardware(platform):
         with jax.sharding.use_abstract_mesh(mesh):
             lowered = jax.jit(fn).trace(q, pool, md).lower(lowering_platforms=("tpu",))
         assert "tpu_custom_call" in lowered.as_text()
+
+
+# Small tiles and kv blocks, so the cases cross several q tiles and kv blocks.
+gathered = jax.jit(
+    functools.partial(ragged_paged_attention_gathered, q_tile=16, kv_block_tokens=32, decode_block_tokens=32),
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "prefill"),
+)
+
+
+def _one_layer(attention):
+    return lambda q, pool, layer, md, **kw: attention(q, pool[layer], md, **kw)
+
+
+@pytest.mark.parametrize(
+    "case_name, dtype",
+    [(name, jnp.float32) for name in sorted(CASES)] + [("mixed", jnp.bfloat16), ("page64", jnp.bfloat16)],
+)
+def test_gathered(case_name, dtype):
+    """The per-sequence gather path (CPU and pre-Hopper GPUs) against the reference; unowned pages
+    are NaN, so a path that let them into a sum would fail."""
+    check(case_name, dtype, _one_layer(gathered))
+
+
+@pytest.mark.parametrize("case_name", ["extend", "mixed", "gqa8"])
+def test_gathered_dot_product_attention(case_name):
+    """Extend tiles through jax.nn.dot_product_attention (XLA here, cuDNN on a GPU): prefix and
+    diagonal calls merged by their log-sum-exp."""
+    check(case_name, jnp.float32, _one_layer(functools.partial(gathered, prefill="dot_product_attention")))
+
+
+def test_gathered_rejects_what_it_cannot_take():
+    q, poisoned, _, md = make_batch(CASES["window_cap"], jnp.float32)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        gathered(q, poisoned[LAYER], md, sm_scale=1.0, sliding_window=8, prefill="dot_product_attention")
+    with pytest.raises(ValueError, match="prefill"):
+        gathered(q, poisoned[LAYER], md, sm_scale=1.0, prefill="flash")
+    with pytest.raises(ValueError, match="kv"):
+        gathered(q, poisoned, md, sm_scale=1.0)  # the whole multi-layer pool

@@ -1,0 +1,246 @@
+"""Ragged paged attention that gathers K/V once per sequence, not once per query token.
+
+The CPU serving path and the path of GPUs without the Mosaic kernel (A100, L4, T4). Same
+contract as ``reference.ragged_paged_attention`` for one layer's pool array.
+
+Decode rows (q_len == 1) are computed together: an online softmax over kv blocks of C pages,
+each block gathered once per row (``kv[page_table[:, block]]``, ``[B, C*S, 2*KH, D]``), the G
+query heads of a kv head sharing it. A page past a row's context (or before its sliding window,
+or of a row that is not a decode row) is read as page 0 instead, so the bytes gathered follow
+the live context of each row and not the page table's width.
+
+Extend rows (q_len >= 2) are cut into tiles of up to TQ query tokens of one sequence. A loop
+over the live tiles (a dynamic trip count: no work for a decode-only batch) walks each tile's kv
+range, [window start, last token of the tile], in blocks of C pages: K/V traffic is
+O(tiles x context) instead of the O(tokens x context) of a per-token gather, and the causal
+edge bounds the range, so a tile never reads keys after its last token. With
+``prefill="dot_product_attention"`` (cuDNN on a GPU) a tile is two calls of
+``jax.nn.dot_product_attention`` with their log-sum-exp: its cached prefix (no mask, keys up to
+the tile's first position) and its own diagonal block (causal, top-left aligned), merged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxradix.pallas_kernels.common import clean_metadata
+from jaxradix.pallas_kernels.metadata import AttentionMetadata
+
+PREFILL_IMPLS = ("einsum", "dot_product_attention")
+
+
+def _softmax_step(carry, s, v):
+    """One online-softmax step: `s` [..., N] f32 scores (-inf masked), `v` values, einsum-ready."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + v(p)
+
+
+def _decode_rows(
+    q: jax.Array,  # [T, NH, D]
+    kv: jax.Array,  # [P, S, 2*KH, D]
+    md: AttentionMetadata,  # cleaned
+    page_table: jax.Array,  # [B, NB*C], padded with page 0
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    pages_per_block: int,
+) -> tuple[jax.Array, jax.Array]:  # [B, NH, D] f32 outputs, [B] bool: the row is a decode row
+    T, NH, D = q.shape
+    _, S, KH2, _ = kv.shape
+    KH, C = KH2 // 2, pages_per_block
+    G = NH // KH
+    B = md.kv_lens.shape[0]
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # [B]
+    is_decode = (q_lens == 1) & (md.kv_lens > 0)  # [B]
+    kv_len = jnp.where(is_decode, md.kv_lens, 0)  # [B]
+    pos = kv_len - 1  # [B] position of the row's query token
+    lo = jnp.zeros_like(kv_len) if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
+    qd = q[jnp.minimum(md.cu_q_lens[:-1], T - 1)].reshape(B, KH, G, D).astype(jnp.float32) * sm_scale
+
+    def body(i, carry):
+        page_pos = (i * C + jnp.arange(C, dtype=jnp.int32)) * S  # [C] first position of each page
+        pages = lax.dynamic_slice_in_dim(page_table, i * C, C, axis=1)  # [B, C]
+        live = (page_pos[None, :] < kv_len[:, None]) & (page_pos[None, :] + S > lo[:, None])  # [B, C]
+        blk = kv[jnp.where(live, pages, 0)].astype(jnp.float32)  # [B, C, S, 2*KH, D]
+        blk = jnp.where(live[:, :, None, None, None], blk, 0.0).reshape(B, C * S, KH2, D)
+        s = jnp.einsum("bkgd,bnkd->bkgn", qd, blk[:, :, :KH])  # [B, KH, G, C*S]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = i * C * S + jnp.arange(C * S, dtype=jnp.int32)  # [C*S]
+        mask = (kv_pos[None, :] < kv_len[:, None]) & (kv_pos[None, :] >= lo[:, None])  # [B, C*S]
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        return _softmax_step(carry, s, lambda p: jnp.einsum("bkgn,bnkd->bkgd", p, blk[:, :, KH:]))
+
+    first = jnp.min(jnp.where(is_decode, lo, jnp.iinfo(jnp.int32).max)) // (C * S)
+    last = (jnp.max(kv_len) + C * S - 1) // (C * S)  # 0 when there is no decode row
+    init = (jnp.full((B, KH, G), -jnp.inf, jnp.float32), jnp.zeros((B, KH, G), jnp.float32),
+            jnp.zeros((B, KH, G, D), jnp.float32))  # fmt: skip
+    _, l, acc = lax.fori_loop(jnp.minimum(first, last), last, body, init)
+    o = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return o.reshape(B, NH, D), is_decode
+
+
+def _tile_einsum(
+    qt: jax.Array,  # [TQ, KH, G, D] f32, scaled
+    kv: jax.Array,  # [P, S, 2*KH, D]
+    pages: jax.Array,  # [NB*C] the tile's sequence's page-table row, padded with page 0
+    q_pos0: jax.Array,  # kv position of the tile's first token
+    kv_lo: jax.Array,  # first kv position any row of the tile sees (sliding window)
+    kv_hi: jax.Array,  # one past the last kv position the tile sees
+    *,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    pages_per_block: int,
+) -> jax.Array:  # [TQ, KH, G, D] f32
+    TQ, KH, G, D = qt.shape
+    _, S, KH2, _ = kv.shape
+    C = pages_per_block
+    q_pos = q_pos0 + jnp.arange(TQ, dtype=jnp.int32)  # [TQ]
+
+    def body(i, carry):
+        blk_pages = lax.dynamic_slice_in_dim(pages, i * C, C)  # [C]
+        page_pos = (i * C + jnp.arange(C, dtype=jnp.int32)) * S
+        live = (page_pos < kv_hi) & (page_pos + S > kv_lo)
+        blk = kv[jnp.where(live, blk_pages, 0)].astype(jnp.float32)  # [C, S, 2*KH, D]
+        blk = jnp.where(live[:, None, None, None], blk, 0.0).reshape(C * S, KH2, D)
+        s = jnp.einsum("tkgd,nkd->tkgn", qt, blk[:, :KH])  # [TQ, KH, G, C*S]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = i * C * S + jnp.arange(C * S, dtype=jnp.int32)
+        mask = kv_pos[None, :] <= q_pos[:, None]  # [TQ, C*S]
+        if sliding_window is not None:
+            mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        return _softmax_step(carry, s, lambda p: jnp.einsum("tkgn,nkd->tkgd", p, blk[:, KH:]))
+
+    init = (jnp.full((TQ, KH, G), -jnp.inf, jnp.float32), jnp.zeros((TQ, KH, G), jnp.float32),
+            jnp.zeros((TQ, KH, G, D), jnp.float32))  # fmt: skip
+    _, l, acc = lax.fori_loop(kv_lo // (C * S), (kv_hi + C * S - 1) // (C * S), body, init)
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def _tile_dot_product_attention(
+    qt: jax.Array,  # [TQ, NH, D] in the pool dtype
+    kv: jax.Array,  # [P, S, 2*KH, D]
+    pages: jax.Array,  # [NB*C]
+    q_pos0: jax.Array,
+    ntok: jax.Array,  # live tokens of the tile
+    *,
+    sm_scale: float,
+    implementation: str | None,
+) -> jax.Array:  # [TQ, NH, D] f32
+    """Prefix (keys [0, q_pos0), every row) and diagonal (the tile's own keys, causal)."""
+    TQ, NH, D = qt.shape
+    P, S, KH2, _ = kv.shape
+    KH = KH2 // 2
+    N = pages.shape[0] * S
+    page_pos = jnp.arange(pages.shape[0], dtype=jnp.int32) * S
+    live = page_pos < q_pos0
+    prefix = kv[jnp.where(live, pages, 0)]  # [N/S, S, 2*KH, D]: the whole row (static shape)
+    prefix = jnp.where(live[:, None, None, None], prefix, 0).reshape(N, KH2, D)
+    # The diagonal keys [q_pos0, q_pos0 + TQ): gathered slot by slot (a tile need not start on a page).
+    pos = jnp.minimum(q_pos0 + jnp.arange(TQ, dtype=jnp.int32), N - 1)  # [TQ]
+    diag = kv[pages[pos // S], pos % S]  # [TQ, 2*KH, D]
+    diag = jnp.where((jnp.arange(TQ) < ntok)[:, None, None], diag, 0)
+    attend = functools.partial(
+        jax.nn.dot_product_attention, scale=sm_scale, implementation=implementation, return_residual=True
+    )
+    n = jnp.reshape(ntok, (1,)).astype(jnp.int32)
+    o_p, lse_p = attend(qt[None], prefix[None, :, :KH], prefix[None, :, KH:],
+                        query_seq_lengths=n, key_value_seq_lengths=jnp.maximum(q_pos0, 1).reshape(1))  # fmt: skip
+    o_d, lse_d = attend(qt[None], diag[None, :, :KH], diag[None, :, KH:], is_causal=True,
+                        query_seq_lengths=n, key_value_seq_lengths=n)  # fmt: skip
+    lse_p = jnp.where(q_pos0 > 0, lse_p[0].astype(jnp.float32), -jnp.inf)  # [TQ, NH]
+    lse_d = lse_d[0].astype(jnp.float32)
+    m = jnp.maximum(lse_p, lse_d)
+    w_p, w_d = jnp.exp(lse_p - m), jnp.exp(lse_d - m)  # [TQ, NH]
+    o = w_p[..., None] * o_p[0].astype(jnp.float32) + w_d[..., None] * o_d[0].astype(jnp.float32)
+    return o / (w_p + w_d)[..., None]
+
+
+def ragged_paged_attention_gathered(
+    q: jax.Array,  # [T, NH, D]
+    kv: jax.Array,  # [P, S, 2*KH, D] one layer's pool
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    q_tile: int = 128,
+    kv_block_tokens: int = 512,
+    decode_block_tokens: int = 128,
+    prefill: str = "einsum",
+    implementation: str | None = None,
+) -> jax.Array:  # [T, NH, D], rows of padding tokens are 0
+    """See the module docstring. `prefill` picks the extend tiles' inner computation; with
+    "dot_product_attention", `implementation` goes to ``jax.nn.dot_product_attention`` and
+    sliding windows and soft caps are not supported."""
+    if prefill not in PREFILL_IMPLS:
+        raise ValueError(f"prefill must be one of {PREFILL_IMPLS}, got {prefill!r}")
+    if prefill == "dot_product_attention" and (sliding_window is not None or soft_cap is not None):
+        raise NotImplementedError("prefill='dot_product_attention' takes no sliding window or soft cap")
+    if kv.ndim != 4 or kv.shape[-1] != q.shape[-1] or kv.shape[2] % 2 or q.shape[1] % (kv.shape[2] // 2):
+        raise ValueError(f"kv {kv.shape} must be [P, S, 2*KH, D] matching q {q.shape}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    T, NH, D = q.shape
+    _, S, KH2, _ = kv.shape
+    KH = KH2 // 2
+    G = NH // KH
+    md = clean_metadata(md)
+    B, MP = md.page_table.shape
+    C = max(1, min(kv_block_tokens // S, MP))  # pages per kv block
+    NB = -(-MP // C)
+    page_table = jnp.pad(md.page_table, ((0, 0), (0, NB * C - MP)))  # [B, NB*C]
+    TQ = max(1, min(q_tile, T))
+    CD = max(1, min(decode_block_tokens // S, MP))  # pages per decode kv block
+    dec_table = jnp.pad(md.page_table, ((0, 0), (0, -(-MP // CD) * CD - MP)))
+
+    o_dec, is_decode = _decode_rows(
+        q, kv, md, dec_table, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        pages_per_block=CD,
+    )  # fmt: skip
+
+    # Extend tiles: row b owns tiles [tile_base[b], tile_base[b] + n_tiles[b]).
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # [B]
+    n_tiles = jnp.where(q_lens >= 2, (q_lens + TQ - 1) // TQ, 0)  # [B]
+    tile_end = jnp.cumsum(n_tiles)  # [B]
+    q_pad = jnp.pad(q, ((0, TQ), (0, 0), (0, 0)))  # [T+TQ, NH, D]: a tile slice never clips
+
+    def tile_body(i, out):  # out: [T+TQ, NH, D] f32
+        b = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), B - 1).astype(jnp.int32)
+        local = i - (tile_end[b] - n_tiles[b])
+        tok0 = md.cu_q_lens[b] + local * TQ
+        ntok = jnp.minimum(md.cu_q_lens[b + 1] - tok0, TQ)
+        pos0 = md.kv_lens[b] - q_lens[b] + local * TQ  # kv position of token tok0
+        qt = lax.dynamic_slice_in_dim(q_pad, tok0, TQ)  # [TQ, NH, D]
+        if prefill == "einsum":
+            kv_lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+            ot = _tile_einsum(
+                qt.reshape(TQ, KH, G, D).astype(jnp.float32) * sm_scale, kv, page_table[b], pos0, kv_lo,
+                pos0 + ntok, sliding_window=sliding_window, soft_cap=soft_cap, pages_per_block=C,
+            ).reshape(TQ, NH, D)  # fmt: skip
+        else:
+            ot = _tile_dot_product_attention(
+                qt.astype(kv.dtype), kv, page_table[b], pos0, ntok, sm_scale=sm_scale,
+                implementation=implementation,
+            )  # fmt: skip
+        rows = jnp.arange(TQ)[:, None, None] < ntok
+        old = lax.dynamic_slice_in_dim(out, tok0, TQ)
+        return lax.dynamic_update_slice_in_dim(out, jnp.where(rows, ot, old), tok0, axis=0)
+
+    out = jnp.zeros((T + TQ, NH, D), jnp.float32)
+    out = lax.fori_loop(0, tile_end[-1], tile_body, out)[:T]  # [T, NH, D]
+    # Decode rows' outputs go to their token; padding tokens stay 0.
+    dec_tok = jnp.where(is_decode, md.cu_q_lens[:-1], T)  # [B]
+    out = out.at[dec_tok].set(o_dec, mode="drop")
+    return out.astype(q.dtype)
