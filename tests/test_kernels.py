@@ -162,7 +162,12 @@ def test_dispatch():
     from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
 
     assert get_attention("reference") is ragged_paged_attention_blocked
-    assert get_attention() is ragged_paged_attention_blocked  # auto on CPU
+    # auto on CPU is the gathered path: it never lets an unowned (NaN) page into a sum, which the
+    # per-token reference does (it reads page 0 for the masked part of a block).
+    check("mixed", jnp.float32, get_attention())
+    check("mixed", jnp.float32, get_attention("gathered"))
+    with pytest.raises(AssertionError):
+        check("mixed", jnp.float32, get_attention("reference"))
     check("decode", jnp.bfloat16, get_attention("pallas"))  # the TPU kernel, interpreted
     check("decode", jnp.bfloat16, get_attention("pallas", interpret="gpu"))
     with pytest.raises(ValueError, match="attention_backend"):
@@ -172,14 +177,16 @@ def test_dispatch():
 
 
 def test_gpu_dispatch_falls_back_off_hopper(caplog):
-    """`auto` on a GPU the kernel cannot serve (no sm_90, f32 pool, ...) takes the reference path."""
-    from jaxradix.pallas_kernels import _gpu_kernel
-    from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
+    """`auto` on a GPU the kernel cannot serve (no sm_90, f32 pool, ...) takes the gathered path;
+    on this CPU it finds no compute capability, so its extend tiles skip cuDNN."""
+    from jaxradix.pallas_kernels import _cudnn_prefill_reason, _gathered, _gpu_kernel
 
-    attention = _gpu_kernel(False, fallback=ragged_paged_attention_blocked)  # CPU: not a Hopper GPU
+    attention = _gpu_kernel(False, fallback=_gathered("gpu"))  # CPU: not a Hopper GPU
     with caplog.at_level("WARNING"):
-        check("decode", jnp.float32, attention, poison=False)  # the reference reads unowned pages
+        check("mixed", jnp.float32, attention)
     assert "sm_90" in caplog.text or "bf16" in caplog.text
+    q, poisoned, _, _ = make_batch(CASES["mixed"], jnp.bfloat16)
+    assert "compute capability" in _cudnn_prefill_reason(q, poisoned, None, None)
 
 
 def test_write_kv_then_attend():
@@ -237,10 +244,6 @@ gathered = jax.jit(
 )
 
 
-def _one_layer(attention):
-    return lambda q, pool, layer, md, **kw: attention(q, pool[layer], md, **kw)
-
-
 @pytest.mark.parametrize(
     "case_name, dtype",
     [(name, jnp.float32) for name in sorted(CASES)] + [("mixed", jnp.bfloat16), ("page64", jnp.bfloat16)],
@@ -248,21 +251,21 @@ def _one_layer(attention):
 def test_gathered(case_name, dtype):
     """The per-sequence gather path (CPU and pre-Hopper GPUs) against the reference; unowned pages
     are NaN, so a path that let them into a sum would fail."""
-    check(case_name, dtype, _one_layer(gathered))
+    check(case_name, dtype, gathered)
 
 
 @pytest.mark.parametrize("case_name", ["extend", "mixed", "gqa8"])
 def test_gathered_dot_product_attention(case_name):
     """Extend tiles through jax.nn.dot_product_attention (XLA here, cuDNN on a GPU): prefix and
     diagonal calls merged by their log-sum-exp."""
-    check(case_name, jnp.float32, _one_layer(functools.partial(gathered, prefill="dot_product_attention")))
+    check(case_name, jnp.float32, functools.partial(gathered, prefill="dot_product_attention"))
 
 
 def test_gathered_rejects_what_it_cannot_take():
     q, poisoned, _, md = make_batch(CASES["window_cap"], jnp.float32)
     with pytest.raises(NotImplementedError, match="sliding window"):
-        gathered(q, poisoned[LAYER], md, sm_scale=1.0, sliding_window=8, prefill="dot_product_attention")
+        gathered(q, poisoned, md, sm_scale=1.0, sliding_window=8, prefill="dot_product_attention")
     with pytest.raises(ValueError, match="prefill"):
-        gathered(q, poisoned[LAYER], md, sm_scale=1.0, prefill="flash")
+        gathered(q, poisoned, md, sm_scale=1.0, prefill="flash")
     with pytest.raises(ValueError, match="kv"):
-        gathered(q, poisoned, md, sm_scale=1.0)  # the whole multi-layer pool
+        gathered(q, poisoned[None], md, sm_scale=1.0)  # a stacked [L, ...] pool

@@ -4,11 +4,15 @@ Every implementation is ``f(q, kv, md, *, sm_scale, sliding_window=None, soft_ca
 -> [T, NH, D]`` with the semantics of ``reference.ragged_paged_attention``; ``kv`` is one
 layer's pool array ``[P, S, 2*KH, D]`` (the pool is a tuple of them, one per layer).
 
-- ``get_attention("auto")``: the Mosaic GPU kernel on NVIDIA GPUs, the Mosaic TPU kernel on
-  TPUs, the jnp reference (its blocked form, the CPU serving path) elsewhere.
+- ``get_attention("auto")``: the Mosaic GPU kernel on Hopper GPUs, the Mosaic TPU kernel on
+  TPUs, the per-sequence gather path (``gathered.py``) on CPU and on other GPUs (A100, L4, T4),
+  and wherever the Mosaic GPU kernel cannot take the operands.
 - ``get_attention("pallas")``: a Pallas kernel; on CPU it runs in interpret mode, the TPU kernel
   unless ``interpret="gpu"``.
-- ``get_attention("reference")``: the jnp reference everywhere.
+- ``get_attention("gathered")``: the per-sequence gather path everywhere. On a GPU of compute
+  capability >= 8.0 its extend tiles go through cuDNN (``jax.nn.dot_product_attention``) when the
+  operands allow it (bf16/f16 pool, head dim <= 128, no sliding window or soft cap).
+- ``get_attention("reference")``: the blocked jnp reference (a per-token gather) everywhere.
 
 ``interpret`` ("tpu" or "gpu") forces that kernel in interpret mode on any backend (debugging).
 The KV writer is the reference scatter (``write_kv``) for every backend: one XLA scatter, done
@@ -22,11 +26,13 @@ import logging
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxradix.pallas_kernels import reference
+from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked, write_kv
 
-ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")
 INTERPRET_MODES = ("tpu", "gpu")
 
 AttentionFn = Callable[..., jax.Array]
@@ -58,7 +64,7 @@ def _gpu_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn
             return gpu.ragged_paged_attention(q, kv, md, interpret=params, **kwargs)
         if fallback is None:
             raise NotImplementedError(f"Mosaic GPU attention kernel: {why}")
-        _log.warning("Mosaic GPU attention kernel: %s; using the reference attention", why)
+        _log.warning("Mosaic GPU attention kernel: %s; using the gathered attention", why)
         return fallback(q, kv, md, **kwargs)
 
     return attention
@@ -66,6 +72,37 @@ def _gpu_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn
 
 def _is_hopper() -> bool:
     return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+
+
+def _cudnn_prefill_reason(q: jax.Array, kv: jax.Array, sliding_window, soft_cap) -> str | None:
+    """Why cuDNN flash attention cannot take the extend tiles (None when it can)."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is None or float(cc) < 8.0:
+        return f"cuDNN flash attention needs compute capability >= 8.0, got {cc}"
+    if kv.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs a bf16/f16 kv pool, got {kv.dtype}"
+    if q.shape[-1] > 128 or q.shape[-1] % 8:
+        return f"head dim {q.shape[-1]}"
+    if sliding_window is not None or soft_cap is not None:
+        return "sliding window or soft cap"
+    return None
+
+
+def _gathered(platform: str) -> AttentionFn:
+    """The per-sequence gather path; on a GPU its extend tiles use cuDNN where it applies."""
+
+    def attention(q, kv, md, *, sm_scale, sliding_window=None, soft_cap=None) -> jax.Array:
+        params = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        if platform in ("gpu", "cuda") and _cudnn_prefill_reason(q, kv, sliding_window, soft_cap) is None:
+            try:
+                return ragged_paged_attention_gathered(
+                    q, kv, md, prefill="dot_product_attention", implementation="cudnn", **params
+                )
+            except NotImplementedError as e:  # cuDNN's own shape checks, raised while tracing
+                _log.warning("cuDNN prefill: %s; extend tiles use the einsum path", e)
+        return ragged_paged_attention_gathered(q, kv, md, **params)
+
+    return attention
 
 
 def get_attention(backend: str = "auto", interpret: str | None = None) -> AttentionFn:
@@ -76,16 +113,18 @@ def get_attention(backend: str = "auto", interpret: str | None = None) -> Attent
         raise ValueError(f"attention interpret must be one of {INTERPRET_MODES} or None, got {interpret!r}")
     if backend == "reference":
         return ragged_paged_attention_blocked
+    platform = jax.default_backend()
+    if backend == "gathered":
+        return _gathered(platform)
     if interpret is not None:
         return _tpu_kernel(True) if interpret == "tpu" else _gpu_kernel(True, fallback=None)
-    platform = jax.default_backend()
     if platform == "tpu":
         return _tpu_kernel(False)
     if platform in ("gpu", "cuda"):
-        return _gpu_kernel(False, fallback=ragged_paged_attention_blocked if backend == "auto" else None)
+        return _gpu_kernel(False, fallback=_gathered(platform) if backend == "auto" else None)
     if backend == "pallas":  # CPU (or a platform without a kernel): interpret the TPU kernel
         return _tpu_kernel(True)
-    return ragged_paged_attention_blocked
+    return _gathered(platform)
 
 
 __all__ = [

@@ -217,7 +217,7 @@ def ragged_paged_attention_gathered(
     q_pad = jnp.pad(q, ((0, TQ), (0, 0), (0, 0)))  # [T+TQ, NH, D]: a tile slice never clips
 
     def tile_body(i, out):  # out: [T+TQ, NH, D] f32
-        b = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), B - 1).astype(jnp.int32)
+        b = jnp.minimum(jnp.sum(tile_end <= i), B - 1).astype(jnp.int32)  # the row tile i belongs to
         local = i - (tile_end[b] - n_tiles[b])
         tok0 = md.cu_q_lens[b] + local * TQ
         ntok = jnp.minimum(md.cu_q_lens[b + 1] - tok0, TQ)
