@@ -1,14 +1,23 @@
-"""Benchmark the ragged paged attention kernels as a fraction of the machine's limits.
+"""Benchmark the ragged paged attention paths as a fraction of the machine's limits.
 
-    python scripts/bench_kernels.py              # GPU/TPU: the real table; CPU: a tiny smoke run
-    python scripts/bench_kernels.py --batch 64 --contexts 2048 8192 --page-sizes 16
+    python scripts/bench_kernels.py                 # GPU: the two tables below; CPU: gathered vs reference
+    python scripts/bench_kernels.py --batches 64 --contexts 2048 8192 --page-sizes 16
+    python scripts/bench_kernels.py --sweep         # GPU: kv splits x ring depth at a few shapes
+    python scripts/bench_kernels.py --smoke         # the kernels interpreted on tiny shapes (plumbing only)
 
-Decode: batch >= 32 sequences of one new token each over 2k/4k/8k cached tokens, KH 8, D 128,
-bf16. The kernel reads every live KV byte once, so its figure is (KV + Q bytes) / time, shown
-as a fraction of the device-to-device copy bandwidth measured here (a 1 GiB ``jnp.copy``,
-read + write). Extend: prefill rows (no cached prefix) through the kernel, in causal TFLOP/s,
-next to ``jax.nn.dot_product_attention(implementation="cudnn")`` on the same q/k/v laid out
-contiguously. The reference (the jnp CPU serving path) runs on the same shapes.
+Decode: batches of sequences with one new token each over 1k-8k cached tokens, KH 8, D 128,
+bf16. Attention reads every live KV byte once, so its figure is (KV + Q bytes) / time, shown as
+a fraction of the device-to-device copy bandwidth measured here (a 1 GiB ``jnp.copy``, read +
+write). Extend: prefill rows ("NxL": N sequences of L new tokens; "NxL+P": after P cached
+tokens) in causal TFLOP/s, next to ``jax.nn.dot_product_attention`` (cuDNN on a GPU) on the
+same q/k/v laid out contiguously (no prefix). Rows: "pallas-v2" (the Mosaic GPU kernel, or the
+TPU kernel), "pallas-v1" (the GPU kernel as first measured, ``--variants``), "gathered" (the
+per-sequence gather path that A100/L4/T4 and CPU serve with; on a GPU its extend tiles use
+cuDNN), "reference" (the per-token gather, ``--reference``). The GPU kernel's plan (tiles, kv
+splits NS, pages per kv block PB, ring slots R, resident CTAs per SM) is printed per shape.
+
+On CPU (no flags): the gathered path against the reference at SmolLM2-135M's attention shapes
+(KH 3, NH 9, D 64, f32), the CPU serving configuration.
 """
 
 from __future__ import annotations
@@ -120,76 +129,137 @@ def try_time(make: Callable[[], Callable[[], jax.Array]], **timing) -> float | N
         return None
 
 
+def parse_rows(spec: str) -> tuple[list[int], list[int]]:
+    """ "NxL" or "NxL+P" -> (q_lens, kv_lens)."""
+    rows, _, prefix = spec.partition("+")
+    n, L = map(int, rows.split("x"))
+    return [L] * n, [L + int(prefix or 0)] * n
+
+
+def gpu_plan(batch: Batch, variant: str, **overrides) -> str:
+    from jaxradix.pallas_kernels.gpu.ragged_paged_attention import plan
+
+    T, NH, D = batch.q.shape
+    _, S, KH2, _ = batch.pool.shape
+    B, MP = batch.md.page_table.shape
+    p = plan(T, B, MP, S, KH2 // 2, NH // (KH2 // 2), D, batch.pool.dtype.itemsize, batch.q.dtype.itemsize,
+             variant=variant, **overrides)  # fmt: skip
+    return f"NT {p.num_tiles} NS {p.num_splits} PB {p.kv_block_pages} R {p.kv_slots} CTA/SM {p.ctas_per_sm}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
-    ap.add_argument("--page-sizes", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--extend", type=str, nargs="+", default=["4x2048", "1x8192"],
-                    help="prefill rows as NxL (N sequences of L new tokens)")  # fmt: skip
-    ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="the tiny CPU configuration, on any device")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--contexts", type=int, nargs="+", default=None)
+    ap.add_argument("--page-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--q-heads", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=None)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    ap.add_argument("--extend", type=str, nargs="+", default=None,
+                    help="prefill rows as NxL or NxL+P (N sequences of L new tokens after P cached)")  # fmt: skip
+    ap.add_argument("--variants", nargs="+", default=["v2", "v1"], help="GPU kernel variants to time")
+    ap.add_argument("--no-gathered", action="store_true")
+    ap.add_argument("--reference", action="store_true", help="also time the per-token reference (slow)")
+    ap.add_argument("--sweep", action="store_true", help="GPU: kv splits x ring depth at a few decode shapes")
+    ap.add_argument("--smoke", action="store_true", help="the kernels interpreted on tiny shapes")
     args = ap.parse_args()
 
     platform = jax.default_backend()
     device = jax.devices()[0]
-    smoke = args.smoke or platform == "cpu"
-    if smoke:
-        # Interpret mode on CPU: correctness of the benchmark plumbing only, not speed.
-        args.batch, args.contexts, args.page_sizes, args.extend = 2, [64], [16], ["1x64"]
-        args.kv_heads, args.q_heads, args.head_dim = 2, 4, 64
+    on_gpu = platform in ("gpu", "cuda")
+    kernels: dict[str, Callable] = {}
+    timing: dict = {}
+    if args.smoke:  # interpret mode: correctness of the benchmark plumbing only, not speed
+        defaults = dict(batches=[2], contexts=[64], page_sizes=[16], extend=["1x64"], kv_heads=2, q_heads=4,
+                        head_dim=64, dtype="bfloat16")  # fmt: skip
         timing = dict(warmup=1, iters=1, repeats=1)
         kernels = {"pallas-tpu(interpret)": get_attention("pallas", interpret="tpu"),
                    "pallas-gpu(interpret)": get_attention("pallas", interpret="gpu")}  # fmt: skip
+    elif platform == "cpu":
+        defaults = dict(batches=[32], contexts=[512, 2048], page_sizes=[16], extend=["1x1024", "4x256", "1x256+768"],
+                        kv_heads=3, q_heads=9, head_dim=64, dtype="float32")  # fmt: skip
+        timing = dict(warmup=1, iters=3, repeats=3)
+        args.reference = True
     else:
-        timing = {}
-        kernels = {"pallas": get_attention("pallas")}
-    ref_timing = dict(warmup=1, iters=2, repeats=1) if not smoke else timing  # the reference is slow
+        defaults = dict(batches=[32, 64], contexts=[1024, 2048, 4096, 8192], page_sizes=[16, 64],
+                        extend=["4x2048", "1x8192", "4x1024+1024"], kv_heads=8, q_heads=32, head_dim=128,
+                        dtype="bfloat16")  # fmt: skip
+        if on_gpu:
+            from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
+
+            kernels = {f"pallas-{v}": functools.partial(gpu_kernel, variant=v) for v in args.variants}
+        else:
+            kernels = {"pallas-v2": get_attention("pallas")}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.no_gathered and not args.smoke:
+        kernels["gathered"] = get_attention("gathered")
+    if args.reference:
+        kernels["reference"] = ragged_paged_attention_blocked
+    ref_timing = dict(warmup=1, iters=2, repeats=1)  # the reference is slow
     KH, G, D = args.kv_heads, args.q_heads // args.kv_heads, args.head_dim
-    dtype = jnp.bfloat16
+    dtype = jnp.dtype(args.dtype)
     sm_scale = D**-0.5
 
     print(f"device: {device.device_kind} ({platform}), jax {jax.__version__}")
-    copy_bw = copy_bandwidth((1 << 20) if smoke else (1 << 30), **timing)
+    copy_bw = copy_bandwidth((1 << 20) if args.smoke else (1 << 30), **timing)
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write)")
 
-    print(f"\ndecode: batch {args.batch}, KH {KH}, NH {KH * G}, D {D}, bf16")
-    print(f"{'impl':<24}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}")
-    for S in args.page_sizes:
-        for ctx in args.contexts:
-            batch = make_batch([1] * args.batch, [ctx] * args.batch, S=S, KH=KH, G=G, D=D, dtype=dtype)
-            nbytes = batch.kv_bytes + batch.q.nbytes
-            impls = dict(kernels)
-            if not args.no_reference:
-                impls["reference"] = ragged_paged_attention_blocked
-            for name, attention in impls.items():
-                how = ref_timing if name == "reference" else timing
-                t = try_time(functools.partial(run_attention, attention, batch, sm_scale), **how)
-                bw = None if t is None else nbytes / t
-                frac = None if bw is None else bw / copy_bw
-                print(f"{name:<24}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}{fmt(frac, '9.1%')}")
+    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name}")
+    print(f"{'impl':<24}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}  plan")
+    for B in args.batches:
+        for S in args.page_sizes:
+            for ctx in args.contexts:
+                batch = make_batch([1] * B, [ctx] * B, S=S, KH=KH, G=G, D=D, dtype=dtype)
+                nbytes = batch.kv_bytes + batch.q.nbytes
+                for name, attention in kernels.items():
+                    how = ref_timing if name == "reference" else timing
+                    t = try_time(functools.partial(run_attention, attention, batch, sm_scale), **how)
+                    bw = None if t is None else nbytes / t
+                    frac = None if bw is None else bw / copy_bw
+                    note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
+                    print(f"{name:<24}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
+                          f"{fmt(frac, '9.1%')}  {note}", flush=True)  # fmt: skip
 
-    print(f"\nextend (prefill, causal): KH {KH}, NH {KH * G}, D {D}, bf16, page {args.page_sizes[0]}")
-    print(f"{'impl':<24}{'rows':>10}{'time us':>10}{'TFLOP/s':>9}")
+    if args.sweep and on_gpu:
+        from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
+
+        print("\ndecode sweep (pallas-v2 with forced kv splits NS, ring slots R, pages per block PB)")
+        for S in args.page_sizes:
+            for ctx in (args.contexts[0], args.contexts[-1]):
+                batch = make_batch([1] * args.batches[0], [ctx] * args.batches[0], S=S, KH=KH, G=G, D=D, dtype=dtype)
+                nbytes = batch.kv_bytes + batch.q.nbytes
+                for tokens in (64, 128):
+                    for R in (2, 3):
+                        for NS in (1, 2, 4):
+                            over = dict(kv_block_pages=max(1, tokens // S), num_kv_splits=NS, kv_slots=R)
+                            fn = functools.partial(gpu_kernel, **over)
+                            t = try_time(functools.partial(run_attention, fn, batch, sm_scale), **timing)
+                            frac = None if t is None else nbytes / t / copy_bw
+                            print(f"{'pallas-v2':<24}{args.batches[0]:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}"
+                                  f"{fmt(frac, '9.1%'):>18}  {gpu_plan(batch, 'v2', **over)}", flush=True)  # fmt: skip
+
+    print(f"\nextend (prefill, causal): KH {KH}, NH {KH * G}, D {D}, {dtype.name}, page {args.page_sizes[0]}")
+    print(f"{'impl':<24}{'rows':>12}{'time us':>10}{'TFLOP/s':>9}{'of dpa':>8}  plan")
     for spec in args.extend:
-        n, L = map(int, spec.split("x"))
-        batch = make_batch([L] * n, [L] * n, S=args.page_sizes[0], KH=KH, G=G, D=D, dtype=dtype)
+        q_lens, kv_lens = parse_rows(spec)
+        batch = make_batch(q_lens, kv_lens, S=args.page_sizes[0], KH=KH, G=G, D=D, dtype=dtype)
         impls = {name: functools.partial(run_attention, a, batch, sm_scale) for name, a in kernels.items()}
-        impls["cudnn" if platform == "gpu" else "dot_product_attention"] = functools.partial(
-            cudnn_attention, batch, L, n, sm_scale
-        )
-        if not args.no_reference:
-            reference = ragged_paged_attention_blocked
-            impls["reference"] = functools.partial(run_attention, reference, batch, sm_scale)
+        dpa = "cudnn" if on_gpu else "dot_product_attention"
+        if q_lens == kv_lens:  # no prefix: the same rows contiguous
+            impls[dpa] = functools.partial(cudnn_attention, batch, q_lens[0], len(q_lens), sm_scale)
+        times = {}
         for name, make in impls.items():
-            t = try_time(make, **(ref_timing if name == "reference" else timing))
+            times[name] = try_time(make, **(ref_timing if name == "reference" else timing))
+        for name, t in times.items():
             tflops = None if t is None else batch.causal_flops / t / 1e12
-            print(f"{name:<24}{spec:>10}{fmt(t, '10.1f', 1e6)}{fmt(tflops, '9.2f')}")
+            rel = None if t is None or times.get(dpa) is None else times[dpa] / t
+            note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
+            print(f"{name:<24}{spec:>12}{fmt(t, '10.1f', 1e6)}{fmt(tflops, '9.2f')}{fmt(rel, '8.0%')}  {note}")
 
-    if smoke:
+    if args.smoke:
         print("\nsmoke run (tiny shapes, kernels interpreted on CPU): the figures above say nothing about "
               "speed; real figures need a GPU (or TPU).")  # fmt: skip
 

@@ -141,7 +141,8 @@ def test_tpu_kernel(case_name, dtype, blocks):
         ("extend", {}),
         ("mixed", dict(kv_block_pages=4)),  # several kv blocks through the two-slot ring
         ("window_cap", dict(num_kv_splits=3, kv_block_pages=4)),
-        ("page64", dict(kv_block_pages=1)),
+        ("page64", dict(kv_block_pages=1, kv_slots=3)),  # a three-slot ring over four kv blocks
+        ("mixed", dict(variant="v1", kv_block_pages=4)),  # the first-measured kernel, kept selectable
     ],
 )
 def test_gpu_kernel(case_name, splits):
@@ -214,12 +215,13 @@ def test_write_kv_then_attend():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_kernels_lower_for_hardware(platform):
+@pytest.mark.parametrize("platform, T", [("cuda", 48), ("cuda", 8), ("tpu", 48)])
+def test_kernels_lower_for_hardware(platform, T):
     """The non-interpreted kernels lower on CPU: Mosaic GPU all the way through its layout
-    inference for sm_90, Mosaic TPU to its MLIR (the layout passes run in libtpu, not here)."""
+    inference for sm_90 (an extend-shaped and a decode-shaped plan), Mosaic TPU to its MLIR (the
+    layout passes run in libtpu, not here)."""
     SDS = jax.ShapeDtypeStruct
-    T, B, MP, S, KH, G, D = 48, 8, 16, 16, 8, 4, 128
+    B, MP, S, KH, G, D = 8, 16, 16, 8, 4, 128
     q = SDS((T, KH * G, D), jnp.bfloat16)
     pool = SDS((B * MP + 1, S, 2 * KH, D), jnp.bfloat16)
     i32 = jnp.int32
@@ -235,6 +237,26 @@ def test_kernels_lower_for_hardware(platform):
         with jax.sharding.use_abstract_mesh(mesh):
             lowered = jax.jit(fn).trace(q, pool, md).lower(lowering_platforms=("tpu",))
         assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_gpu_plan():
+    """v2 sizes the grid for the GPU: decode at batch 32 (KH 8, D 128) fits two CTAs per SM and
+    needs no kv split (nor its merge); a small batch splits kv to fill the SMs; v1 keeps its
+    first-measured choices; a requested ring depth that does not fit is refused."""
+    plan = gpu_kernel.plan
+    v2 = plan(32, 32, 128, 16, 8, 4, 128, 2, 2, sm_count=132)
+    assert (v2.num_splits, v2.kv_block_pages, v2.kv_slots, v2.ctas_per_sm) == (1, 4, 2, 2)
+    small = plan(4, 4, 128, 16, 8, 4, 128, 2, 2, sm_count=132)
+    assert small.num_splits > 1 and small.ctas >= 132 // 8 // 2
+    v1 = plan(32, 32, 128, 16, 8, 4, 128, 2, 2, variant="v1")
+    assert (v1.num_splits, v1.kv_block_pages, v1.kv_slots) == (2, 8, 2)
+    extend = plan(4096, 32, 128, 16, 8, 4, 128, 2, 2, sm_count=132)
+    assert extend.kv_block_pages == 8 and extend.num_splits == 1
+    with pytest.raises(ValueError, match="variant"):
+        plan(32, 32, 128, 16, 8, 4, 128, 2, 2, variant="v3")
+    q, poisoned, _, md = make_batch(CASES["decode"], jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):
+        gpu_attention(q, poisoned.astype(jnp.bfloat16), md, sm_scale=1.0, kv_block_pages=16, kv_slots=4)
 
 
 # Small tiles and kv blocks, so the cases cross several q tiles and kv blocks.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import jax
@@ -55,13 +56,16 @@ def _gpu_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn
     from jaxradix.pallas_kernels.gpu import ragged_paged_attention as gpu
 
     params = plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret else None
+    variant = os.environ.get("JAXRADIX_GPU_ATTENTION_VARIANT", "v2")
+    if variant not in gpu.VARIANTS:
+        raise ValueError(f"JAXRADIX_GPU_ATTENTION_VARIANT must be one of {gpu.VARIANTS}, got {variant!r}")
 
     def attention(q, kv, md, **kwargs) -> jax.Array:
         why = gpu.unsupported_reason(q, kv)
         if why is None and not interpret and not _is_hopper():
             why = "needs an sm_90 (Hopper) GPU for wgmma"
         if why is None:
-            return gpu.ragged_paged_attention(q, kv, md, interpret=params, **kwargs)
+            return gpu.ragged_paged_attention(q, kv, md, interpret=params, variant=variant, **kwargs)
         if fallback is None:
             raise NotImplementedError(f"Mosaic GPU attention kernel: {why}")
         _log.warning("Mosaic GPU attention kernel: %s; using the gathered attention", why)

@@ -13,17 +13,25 @@ Data movement. Tile descriptors (sequence, first token, kv range, kv block count
 by the wrapper in jnp and read from GMEM as scalars. The wrapper also gathers each tile's
 query rows into a 64-row-aligned ``[KH, NT*64, D]`` array, TMA-loaded once per CTA. K and V
 pages are TMA-loaded straight from the layer's pool (``kv[page, :, h, :]`` is a strided
-``[S, D]`` box; the pool is never copied) into a two-slot ring of 128B-swizzled kv blocks of
-PB pages; block j+1 is in flight while block j is in the tensor cores (wgmma QK^T and PV with
+``[S, D]`` box; the pool is never copied) into a ring of R (2 or more) 128B-swizzled kv blocks of
+PB pages; blocks j+1..j+R-1 are in flight while block j is in the tensor cores (wgmma QK^T and PV with
 f32 accumulators in registers, P fed from registers), and only the blocks on the causal edge
 or the sliding-window edge pay for masking. The output leaves through SMEM in TMA stores of
 2^k rows, so a tile writes exactly its own rows of the ragged output.
+
+Variants (``variant=``): "v1" is the kernel first measured on an H200 (issue 11): two ring
+slots, two kv-split waves over a fixed 132 SMs, binary-search (``lax`` loop) glue. "v2" (the
+default) reads the SM count off the device, sizes the kv splits to fill one wave of resident
+CTAs (no split, and no merge pass, when the tiles alone fill the GPU), takes a third ring slot
+when shared memory allows, and finds tiles and rows with one comparison pass instead of a
+binary-search loop. ``plan()`` returns the choices for a shape (the benchmark prints them).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -37,7 +45,8 @@ from jaxradix.pallas_kernels.metadata import AttentionMetadata
 
 ROWS = 64  # wgmma M: query rows per tile
 _LOG2E = math.log2(math.e)
-_NUM_SMS = 132  # H100 SXM; only steers the default kv split count
+_NUM_SMS = 132  # H100 SXM: v1's fixed SM count, and v2's when the device does not say
+VARIANTS = ("v1", "v2")
 _MAX_SMEM = 227 * 1024  # per block on sm_90
 # Tile descriptor columns (int32 [NT, _DESC]).
 _SEQ, _TOK0, _NTOK, _POS0, _KV_HI, _PAGE_LO, _NBLK, _DESC = range(8)
@@ -51,13 +60,13 @@ def _kernel(
     o_ref,  # [NS, KH, T*G + 64, D] GMEM partial (final when NS == 1) outputs, rows (t, g)
     lse_ref,  # [NT, NS, KH, 64] f32 GMEM log-sum-exp per tile row (unused when NS == 1)
     q_smem,  # [64, D] SMEM, swizzled
-    k_smem,  # [2, NB, D] SMEM, swizzled kv-block ring
-    v_smem,  # [2, NB, D] SMEM
+    k_smem,  # [R, NB, D] SMEM, swizzled kv-block ring
+    v_smem,  # [R, NB, D] SMEM
     o_smem,  # [64, D] SMEM, plain rows for the ragged TMA store
     lse_smem,  # [64] f32 SMEM
     q_bar,  # barrier
-    k_bar,  # [2] barriers, PB arrivals each
-    v_bar,  # [2] barriers
+    k_bar,  # [R] barriers, PB arrivals each
+    v_bar,  # [R] barriers
     p_smem=None,  # [64, NB] SMEM, swizzled; only when interpreted
     *,
     sm_scale: float,
@@ -70,7 +79,7 @@ def _kernel(
 ):
     G, PB, NS = group, pages_per_block, num_splits
     assert (p_smem is not None) == interpreted
-    _, NB, D = k_smem.shape
+    R, NB, D = k_smem.shape
     S = kv_ref.shape[1]
     KH = kv_ref.shape[2] // 2
     MP = page_table_ref.shape[1]
@@ -105,7 +114,7 @@ def _kernel(
 
     def kv_step(j, carry, *, masked: bool):
         acc, m_i, l_i = carry  # [64, D] f32, [64] f32 (log2 units), [64] f32
-        slot = lax.rem(j - j_lo, 2)
+        slot = lax.rem(j - j_lo, R)
         plgpu.barrier_wait(k_bar.at[slot])
 
         def qk(acc_ref):
@@ -153,17 +162,17 @@ def _kernel(
 
             acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, D), jnp.float32))
 
-        # The slot's wgmmas have completed (acc was read back): refill it two blocks ahead.
-        @pl.when(j + 2 < j_hi)
+        # The slot's wgmmas have completed (acc was read back): refill it R blocks ahead.
+        @pl.when(j + R < j_hi)
         def _():
-            fetch(j + 2, slot)
+            fetch(j + R, slot)
 
         return acc, m_next, l_i
 
     @pl.when(ntok > 0)
     def _():
         plgpu.copy_gmem_to_smem(q_ref.at[h, pl.ds(tile * ROWS, ROWS)], q_smem, q_bar)
-        for d in range(2):  # prologue: fill both ring slots
+        for d in range(R):  # prologue: fill every ring slot
             pl.when(j_lo + d < j_hi)(functools.partial(fetch, j_lo + d, d))
 
         plgpu.barrier_wait(q_bar)
@@ -213,6 +222,7 @@ def _tile_descriptors(
     page_size: int,
     pages_per_block: int,
     sliding_window: int | None,
+    search: str,
 ) -> tuple[jax.Array, jax.Array]:  # [NT, 8] int32 descriptors, [B] first tile of each row
     """Cuts every live sequence's query tokens into tiles and finds each tile's kv range."""
     TQ, S, PB = tokens_per_tile, page_size, pages_per_block
@@ -221,7 +231,7 @@ def _tile_descriptors(
     tiles_per_seq = (q_lens + TQ - 1) // TQ  # [B]
     tile_base = jnp.cumsum(tiles_per_seq) - tiles_per_seq  # [B] exclusive prefix sum
     t = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(tile_base + tiles_per_seq, t, side="right").astype(jnp.int32)  # [NT]
+    seq = jnp.searchsorted(tile_base + tiles_per_seq, t, side="right", method=search).astype(jnp.int32)  # [NT]
     live = seq < kv_lens.shape[0]
     seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
     local = t - tile_base[seq]
@@ -253,22 +263,88 @@ def unsupported_reason(q: jax.Array, kv_pool: jax.Array) -> str | None:
     return None
 
 
-def _smem_bytes(NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool) -> int:
-    q_tile, kv_ring, out = ROWS * D * itemsize, 2 * 2 * NB * D * itemsize, ROWS * D * part_itemsize
+_SMEM_MARGIN = 4096  # bytes left for allocation alignment when v2 picks a deeper ring
+
+
+def _smem_bytes(NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool, slots: int = 2) -> int:
+    q_tile, kv_ring, out = ROWS * D * itemsize, slots * 2 * NB * D * itemsize, ROWS * D * part_itemsize
     reduction_scratch = 2048  # plgpu.CompilerParams.reduction_scratch_bytes
     return q_tile + kv_ring + out + ROWS * 4 + (ROWS * NB * itemsize if interpreted else 0) + reduction_scratch
 
 
 def default_num_splits(num_tiles: int, kv_heads: int, max_blocks: int) -> int:
-    """Enough kv splits for about two waves of CTAs on the GPU, never more than kv blocks."""
+    """v1: enough kv splits for about two waves of CTAs on the GPU, never more than kv blocks."""
     want = -(-2 * _NUM_SMS // max(1, num_tiles * kv_heads))
     return int(max(1, min(want, 16, max_blocks)))
+
+
+def device_sm_count() -> int:
+    """Streaming multiprocessors of the default device (132 when it does not say: CPU, interpret)."""
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(count) if count else _NUM_SMS
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The static choices the wrapper makes for one shape."""
+
+    variant: str
+    num_tiles: int  # NT: 64-row query tiles (grid axis 0)
+    num_splits: int  # NS: kv splits per tile (grid axis 2)
+    kv_block_pages: int  # PB
+    kv_slots: int  # R: ring depth
+    smem_bytes: int  # per CTA
+    ctas_per_sm: int  # resident CTAs per SM that shared memory allows
+    sm_count: int
+
+    @property
+    def ctas(self) -> int:
+        return self.num_tiles * self.num_splits
+
+
+def plan(
+    T: int, B: int, MP: int, S: int, KH: int, G: int, D: int, itemsize: int, q_itemsize: int, *,
+    variant: str = "v2", kv_block_pages: int | None = None, num_kv_splits: int | None = None,
+    kv_slots: int | None = None, interpreted: bool = False, sm_count: int | None = None,
+) -> KernelPlan:  # fmt: skip
+    """The grid, block and ring sizes for a shape (`itemsize`: the pool's, `q_itemsize`: the
+    output's); `num_tiles` counts tiles, not tiles x kv heads."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    # Decode-like batches (about a token per row) take kv blocks of 64 tokens in v2, so that two
+    # CTAs fit an SM and one's loads overlap the other's math; extend batches keep 128 (fewer,
+    # larger wgmmas per byte of softmax work).
+    decode_like = variant == "v2" and T <= 2 * B
+    # kv blocks are wgmma N (QK^T) and K (PV) operands: a multiple of 64 tokens, <= 256.
+    PB = kv_block_pages or max(1, (64 if decode_like else 128) // S)
+    if (PB * S) % 64 or PB * S > 256:
+        raise ValueError(f"kv block of {PB} pages x {S} tokens must be a multiple of 64 and <= 256")
+    TQ = ROWS // G
+    NT = min(T, -(-T // TQ) + B)  # every tile holds >= 1 token
+    max_blocks = -(-MP // PB)
+    sms = _NUM_SMS if variant == "v1" else (sm_count or device_sm_count())
+
+    def smem(ns: int, r: int) -> int:
+        return _smem_bytes(PB * S, D, itemsize, q_itemsize if ns == 1 else 4, interpreted, slots=r)
+
+    if variant == "v1":
+        NS = num_kv_splits or default_num_splits(NT, KH, max_blocks)
+        R = kv_slots or 2
+    else:
+        R = kv_slots or 2  # a third slot never fits without costing a resident CTA; kv_slots= tries it
+        per_sm = max(1, _MAX_SMEM // (smem(2, R) + _SMEM_MARGIN))
+        # About one wave of resident CTAs (never a split, nor its merge pass, for a near-full wave).
+        NS = num_kv_splits or int(max(1, min(round(sms * per_sm / (NT * KH)), 16, max_blocks)))
+    nbytes = smem(NS, R)
+    return KernelPlan(variant, NT, NS, PB, R, nbytes, max(1, _MAX_SMEM // (nbytes + _SMEM_MARGIN)), sms)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "sliding_window", "soft_cap", "kv_block_pages", "num_kv_splits", "interpret",
+        "sm_scale", "sliding_window", "soft_cap", "kv_block_pages", "num_kv_splits", "kv_slots", "variant",
+        "interpret",
     ),
 )  # fmt: skip
 def ragged_paged_attention(
@@ -281,6 +357,8 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     kv_block_pages: int | None = None,
     num_kv_splits: int | None = None,
+    kv_slots: int | None = None,
+    variant: str = "v2",
     interpret: Any = None,
 ) -> jax.Array:  # [T, NH, D]
     """Same contract as ``reference.ragged_paged_attention``; ``interpret`` goes to plgpu.kernel."""
@@ -292,22 +370,21 @@ def ragged_paged_attention(
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if soft_cap is not None and soft_cap == 0.0:
         raise ValueError("soft_cap must be non-zero")
-    # kv blocks are wgmma N (QK^T) and K (PV) operands: a multiple of 64 tokens, <= 256.
-    PB = kv_block_pages or max(1, 128 // S)
-    if (PB * S) % 64 or PB * S > 256:
-        raise ValueError(f"kv block of {PB} pages x {S} tokens must be a multiple of 64 and <= 256")
-    TQ = ROWS // G
-    NT = min(T, -(-T // TQ) + shape.B)  # every tile holds >= 1 token
-    NS = num_kv_splits or default_num_splits(NT, KH, -(-MP // PB))
-    part_dtype = q.dtype if NS == 1 else jnp.float32
     interpreted = interpret is not None and interpret is not False
-    smem = _smem_bytes(PB * S, D, kv_pool.dtype.itemsize, jnp.dtype(part_dtype).itemsize, interpreted)
-    if smem > _MAX_SMEM:
-        raise ValueError(f"kv block of {PB * S} tokens needs {smem} B of shared memory (> {_MAX_SMEM})")
+    p = plan(
+        T, shape.B, MP, S, KH, G, D, kv_pool.dtype.itemsize, q.dtype.itemsize, variant=variant,
+        kv_block_pages=kv_block_pages, num_kv_splits=num_kv_splits, kv_slots=kv_slots, interpreted=interpreted,
+    )  # fmt: skip
+    TQ, NT, NS, PB, R = ROWS // G, p.num_tiles, p.num_splits, p.kv_block_pages, p.kv_slots
+    part_dtype = q.dtype if NS == 1 else jnp.float32
+    if p.smem_bytes > _MAX_SMEM:
+        raise ValueError(f"kv block of {PB * S} tokens x {R} slots needs {p.smem_bytes} B of shared memory")
+    search = "scan" if variant == "v1" else "compare_all"  # v2: no lax loop (a host round trip per step)
     md = clean_metadata(md)
     desc, tile_base = _tile_descriptors(
-        md, tokens_per_tile=TQ, num_tiles=NT, page_size=S, pages_per_block=PB, sliding_window=sliding_window
-    )
+        md, tokens_per_tile=TQ, num_tiles=NT, page_size=S, pages_per_block=PB, sliding_window=sliding_window,
+        search=search,
+    )  # fmt: skip
 
     # Query tiles: row r of tile i is head h*G + r % G of token tok0_i + r // G.
     r = jnp.arange(ROWS, dtype=jnp.int32)
@@ -334,13 +411,13 @@ def ragged_paged_attention(
         ),
         scratch_types=(
             plgpu.SMEM((ROWS, D), kv_pool.dtype, transforms=transforms),
-            plgpu.SMEM((2, PB * S, D), kv_pool.dtype, transforms=transforms),
-            plgpu.SMEM((2, PB * S, D), kv_pool.dtype, transforms=transforms),
+            plgpu.SMEM((R, PB * S, D), kv_pool.dtype, transforms=transforms),
+            plgpu.SMEM((R, PB * S, D), kv_pool.dtype, transforms=transforms),
             plgpu.SMEM((ROWS, D), part_dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=PB, num_barriers=2),
-            plgpu.Barrier(num_arrivals=PB, num_barriers=2),
+            plgpu.Barrier(num_arrivals=PB, num_barriers=R),
+            plgpu.Barrier(num_arrivals=PB, num_barriers=R),
             *([plgpu.SMEM((ROWS, PB * S), kv_pool.dtype, transforms=transforms)] if interpreted else []),
         ),
         grid=(NT, KH, NS),
@@ -354,7 +431,7 @@ def ragged_paged_attention(
     if NS == 1:
         o = o_part[0]  # [KH, T*G, D]
     else:
-        o = _merge_splits(o_part, lse, md, tile_base, tokens_per_tile=TQ, group=G)  # [KH, T*G, D]
+        o = _merge_splits(o_part, lse, md, tile_base, tokens_per_tile=TQ, group=G, search=search)  # [KH, T*G, D]
     o = o.reshape(KH, T, G, D).transpose(1, 0, 2, 3).reshape(T, NH, D)
     # Padding tokens' rows were never written: they are defined as 0.
     valid = (jnp.arange(T) < md.cu_q_lens[md.num_seqs[0]])[:, None, None]  # [T, 1, 1]
@@ -369,6 +446,7 @@ def _merge_splits(
     *,
     tokens_per_tile: int,
     group: int,
+    search: str,
 ) -> jax.Array:  # [KH, T*G, D] f32
     """Log-sum-exp weighted sum of the kv splits' outputs."""
     NS, KH, TG, _ = o_part.shape
@@ -376,7 +454,8 @@ def _merge_splits(
     T = TG // G
     # Row (t, g) of the output is row (t - tok0) * G + g of the tile holding token t.
     t = jnp.arange(T, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(md.cu_q_lens[1:], t, side="right"), tile_base.shape[0] - 1)  # [T]
+    seq = jnp.searchsorted(md.cu_q_lens[1:], t, side="right", method=search)
+    seq = jnp.minimum(seq, tile_base.shape[0] - 1)  # [T]
     local = t - md.cu_q_lens[seq]  # [T]
     tile = jnp.minimum(tile_base[seq] + local // TQ, NT - 1)  # [T]
     row = (local % TQ)[:, None] * G + jnp.arange(G, dtype=jnp.int32)[None, :]  # [T, G]
