@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULE_POLICIES = ("lpm", "fcfs", "dfs-weight")
-ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")  # = pallas_kernels.ATTENTION_BACKENDS
 GRAMMAR_BACKENDS = ("llguidance", "none")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
 

@@ -129,6 +129,10 @@ def try_time(make: Callable[[], Callable[[], jax.Array]], **timing) -> float | N
         return None
 
 
+# (kv block tokens, ring slots R, kv splits NS) tried by the sweep part.
+SWEEP = [(64, 2, 1), (64, 2, 2), (64, 2, 4), (64, 3, 1), (64, 3, 2), (128, 2, 1), (128, 2, 2), (128, 2, 4)]
+
+
 def parse_rows(spec: str) -> tuple[list[int], list[int]]:
     """ "NxL" or "NxL+P" -> (q_lens, kv_lens)."""
     rows, _, prefix = spec.partition("+")
@@ -161,9 +165,11 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["v2", "v1"], help="GPU kernel variants to time")
     ap.add_argument("--no-gathered", action="store_true")
     ap.add_argument("--reference", action="store_true", help="also time the per-token reference (slow)")
-    ap.add_argument("--sweep", action="store_true", help="GPU: kv splits x ring depth at a few decode shapes")
+    ap.add_argument("--parts", default="decode,extend", help="comma-separated: decode, sweep, extend")
+    ap.add_argument("--sweep", action="store_true", help="add the sweep part (GPU: kv splits x ring depth)")
     ap.add_argument("--smoke", action="store_true", help="the kernels interpreted on tiny shapes")
     args = ap.parse_args()
+    parts = set(args.parts.split(",")) | ({"sweep"} if args.sweep else set())
 
     platform = jax.default_backend()
     device = jax.devices()[0]
@@ -209,7 +215,7 @@ def main() -> None:
 
     print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name}")
     print(f"{'impl':<24}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}  plan")
-    for B in args.batches:
+    for B in args.batches if "decode" in parts else []:
         for S in args.page_sizes:
             for ctx in args.contexts:
                 batch = make_batch([1] * B, [ctx] * B, S=S, KH=KH, G=G, D=D, dtype=dtype)
@@ -223,7 +229,7 @@ def main() -> None:
                     print(f"{name:<24}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
                           f"{fmt(frac, '9.1%')}  {note}", flush=True)  # fmt: skip
 
-    if args.sweep and on_gpu:
+    if "sweep" in parts and on_gpu:
         from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
 
         print("\ndecode sweep (pallas-v2 with forced kv splits NS, ring slots R, pages per block PB)")
@@ -231,19 +237,17 @@ def main() -> None:
             for ctx in (args.contexts[0], args.contexts[-1]):
                 batch = make_batch([1] * args.batches[0], [ctx] * args.batches[0], S=S, KH=KH, G=G, D=D, dtype=dtype)
                 nbytes = batch.kv_bytes + batch.q.nbytes
-                for tokens in (64, 128):
-                    for R in (2, 3):
-                        for NS in (1, 2, 4):
-                            over = dict(kv_block_pages=max(1, tokens // S), num_kv_splits=NS, kv_slots=R)
-                            fn = functools.partial(gpu_kernel, **over)
-                            t = try_time(functools.partial(run_attention, fn, batch, sm_scale), **timing)
-                            frac = None if t is None else nbytes / t / copy_bw
-                            print(f"{'pallas-v2':<24}{args.batches[0]:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}"
-                                  f"{fmt(frac, '9.1%'):>18}  {gpu_plan(batch, 'v2', **over)}", flush=True)  # fmt: skip
+                for tokens, R, NS in SWEEP:
+                    over = dict(kv_block_pages=max(1, tokens // S), num_kv_splits=NS, kv_slots=R)
+                    fn = functools.partial(gpu_kernel, **over)
+                    t = try_time(functools.partial(run_attention, fn, batch, sm_scale), **timing)
+                    frac = None if t is None else nbytes / t / copy_bw
+                    print(f"{'pallas-v2':<24}{args.batches[0]:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}"
+                          f"{fmt(frac, '9.1%'):>18}  {gpu_plan(batch, 'v2', **over)}", flush=True)  # fmt: skip
 
     print(f"\nextend (prefill, causal): KH {KH}, NH {KH * G}, D {D}, {dtype.name}, page {args.page_sizes[0]}")
     print(f"{'impl':<24}{'rows':>12}{'time us':>10}{'TFLOP/s':>9}{'of dpa':>8}  plan")
-    for spec in args.extend:
+    for spec in args.extend if "extend" in parts else []:
         q_lens, kv_lens = parse_rows(spec)
         batch = make_batch(q_lens, kv_lens, S=args.page_sizes[0], KH=KH, G=G, D=D, dtype=dtype)
         impls = {name: functools.partial(run_attention, a, batch, sm_scale) for name, a in kernels.items()}

@@ -136,7 +136,7 @@ def test_tpu_kernel(case_name, dtype, blocks):
 @pytest.mark.parametrize(
     "case_name, splits",
     [
-        ("decode", dict(num_kv_splits=1)),
+        ("decode", dict(num_kv_splits=1, q_f32=True)),  # f32 activations (f32 weights) over a bf16 pool
         ("decode", dict(num_kv_splits=2, kv_block_pages=4)),  # log-sum-exp merge of kv splits
         ("extend", {}),
         ("mixed", dict(kv_block_pages=4)),  # several kv blocks through the two-slot ring
@@ -146,7 +146,15 @@ def test_tpu_kernel(case_name, dtype, blocks):
     ],
 )
 def test_gpu_kernel(case_name, splits):
-    check(case_name, jnp.bfloat16, gpu_attention, **splits)
+    attention = gpu_attention
+    if splits.pop("q_f32", False):
+
+        def attention(q, kv, md, **kwargs):
+            out = gpu_attention(q.astype(jnp.float32), kv, md, **kwargs)
+            assert out.dtype == jnp.float32
+            return out.astype(q.dtype)
+
+    check(case_name, jnp.bfloat16, attention, **splits)
 
 
 def test_gpu_kernel_rejects_what_wgmma_cannot_take():
@@ -160,8 +168,11 @@ def test_gpu_kernel_rejects_what_wgmma_cannot_take():
 
 def test_dispatch():
     assert jax.default_backend() == "cpu"
+    from jaxradix import config
+    from jaxradix.pallas_kernels import ATTENTION_BACKENDS
     from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
 
+    assert config.ATTENTION_BACKENDS == ATTENTION_BACKENDS  # the flag accepts every backend
     assert get_attention("reference") is ragged_paged_attention_blocked
     # auto on CPU is the gathered path: it never lets an unowned (NaN) page into a sum, which the
     # per-token reference does (it reads page 0 for the masked part of a block).
@@ -261,7 +272,9 @@ def test_gpu_plan():
 
 # Small tiles and kv blocks, so the cases cross several q tiles and kv blocks.
 gathered = jax.jit(
-    functools.partial(ragged_paged_attention_gathered, q_tile=16, kv_block_tokens=32, decode_block_tokens=32),
+    functools.partial(
+        ragged_paged_attention_gathered, q_tile=16, kv_block_tokens=32, decode_block_tokens=32, prefix_chunk_tokens=32
+    ),
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "prefill"),
 )
 

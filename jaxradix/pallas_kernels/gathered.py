@@ -16,7 +16,8 @@ O(tiles x context) instead of the O(tokens x context) of a per-token gather, and
 edge bounds the range, so a tile never reads keys after its last token. With
 ``prefill="dot_product_attention"`` (cuDNN on a GPU) a tile is two calls of
 ``jax.nn.dot_product_attention`` with their log-sum-exp: its cached prefix (no mask, keys up to
-the tile's first position) and its own diagonal block (causal, top-left aligned), merged.
+the tile's first position, in chunks of 4k keys) and its own diagonal block (causal, top-left
+aligned), merged.
 """
 
 from __future__ import annotations
@@ -128,43 +129,59 @@ def _tile_einsum(
     return acc / jnp.where(l > 0, l, 1.0)[..., None]
 
 
+def _merge(o_a, lse_a, o_b, lse_b):
+    """Two partial softmax outputs [TQ, NH, D] with their log-sum-exp [TQ, NH] (-inf: no keys)."""
+    m = jnp.maximum(lse_a, lse_b)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w_a, w_b = jnp.exp(lse_a - m_safe), jnp.exp(lse_b - m_safe)  # [TQ, NH]
+    w = w_a + w_b
+    o = (w_a[..., None] * o_a + w_b[..., None] * o_b) / jnp.where(w > 0, w, 1.0)[..., None]
+    return o, jnp.where(w > 0, m_safe + jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+
+
 def _tile_dot_product_attention(
     qt: jax.Array,  # [TQ, NH, D] in the pool dtype
     kv: jax.Array,  # [P, S, 2*KH, D]
-    pages: jax.Array,  # [NB*C]
+    pages: jax.Array,  # [NB*C] the tile's sequence's page-table row, padded with page 0
     q_pos0: jax.Array,
     ntok: jax.Array,  # live tokens of the tile
     *,
     sm_scale: float,
     implementation: str | None,
+    prefix_chunk_tokens: int,
 ) -> jax.Array:  # [TQ, NH, D] f32
-    """Prefix (keys [0, q_pos0), every row) and diagonal (the tile's own keys, causal)."""
+    """Prefix (keys [0, q_pos0), every row; in chunks) and diagonal (the tile's own keys, causal)."""
     TQ, NH, D = qt.shape
-    P, S, KH2, _ = kv.shape
+    _, S, KH2, _ = kv.shape
     KH = KH2 // 2
+    CP = max(1, min(prefix_chunk_tokens // S, pages.shape[0]))  # pages per prefix chunk
+    pages = jnp.pad(pages, (0, -(-pages.shape[0] // CP) * CP - pages.shape[0]))
     N = pages.shape[0] * S
-    page_pos = jnp.arange(pages.shape[0], dtype=jnp.int32) * S
-    live = page_pos < q_pos0
-    prefix = kv[jnp.where(live, pages, 0)]  # [N/S, S, 2*KH, D]: the whole row (static shape)
-    prefix = jnp.where(live[:, None, None, None], prefix, 0).reshape(N, KH2, D)
+    n = jnp.reshape(ntok, (1,)).astype(jnp.int32)
+    attend = functools.partial(
+        jax.nn.dot_product_attention, scale=sm_scale, implementation=implementation, return_residual=True
+    )
+
+    def prefix_chunk(c, carry):
+        page_pos = (c * CP + jnp.arange(CP, dtype=jnp.int32)) * S
+        chunk = lax.dynamic_slice_in_dim(pages, c * CP, CP)  # [CP]
+        live = page_pos < q_pos0
+        blk = kv[jnp.where(live, chunk, 0)]  # [CP, S, 2*KH, D]
+        blk = jnp.where(live[:, None, None, None], blk, 0).reshape(CP * S, KH2, D)
+        n_kv = jnp.clip(q_pos0 - c * CP * S, 1, CP * S).reshape(1).astype(jnp.int32)
+        o, lse = attend(qt[None], blk[None, :, :KH], blk[None, :, KH:], query_seq_lengths=n, key_value_seq_lengths=n_kv)
+        return _merge(*carry, o[0].astype(jnp.float32), lse[0].astype(jnp.float32))
+
+    init = (jnp.zeros((TQ, NH, D), jnp.float32), jnp.full((TQ, NH), -jnp.inf, jnp.float32))
+    o_p, lse_p = lax.fori_loop(0, (q_pos0 + CP * S - 1) // (CP * S), prefix_chunk, init)
     # The diagonal keys [q_pos0, q_pos0 + TQ): gathered slot by slot (a tile need not start on a page).
     pos = jnp.minimum(q_pos0 + jnp.arange(TQ, dtype=jnp.int32), N - 1)  # [TQ]
     diag = kv[pages[pos // S], pos % S]  # [TQ, 2*KH, D]
     diag = jnp.where((jnp.arange(TQ) < ntok)[:, None, None], diag, 0)
-    attend = functools.partial(
-        jax.nn.dot_product_attention, scale=sm_scale, implementation=implementation, return_residual=True
-    )
-    n = jnp.reshape(ntok, (1,)).astype(jnp.int32)
-    o_p, lse_p = attend(qt[None], prefix[None, :, :KH], prefix[None, :, KH:],
-                        query_seq_lengths=n, key_value_seq_lengths=jnp.maximum(q_pos0, 1).reshape(1))  # fmt: skip
     o_d, lse_d = attend(qt[None], diag[None, :, :KH], diag[None, :, KH:], is_causal=True,
                         query_seq_lengths=n, key_value_seq_lengths=n)  # fmt: skip
-    lse_p = jnp.where(q_pos0 > 0, lse_p[0].astype(jnp.float32), -jnp.inf)  # [TQ, NH]
-    lse_d = lse_d[0].astype(jnp.float32)
-    m = jnp.maximum(lse_p, lse_d)
-    w_p, w_d = jnp.exp(lse_p - m), jnp.exp(lse_d - m)  # [TQ, NH]
-    o = w_p[..., None] * o_p[0].astype(jnp.float32) + w_d[..., None] * o_d[0].astype(jnp.float32)
-    return o / (w_p + w_d)[..., None]
+    o, _ = _merge(o_p, lse_p, o_d[0].astype(jnp.float32), lse_d[0].astype(jnp.float32))
+    return o
 
 
 def ragged_paged_attention_gathered(
@@ -178,6 +195,7 @@ def ragged_paged_attention_gathered(
     q_tile: int = 128,
     kv_block_tokens: int = 512,
     decode_block_tokens: int = 128,
+    prefix_chunk_tokens: int = 4096,
     prefill: str = "einsum",
     implementation: str | None = None,
 ) -> jax.Array:  # [T, NH, D], rows of padding tokens are 0
@@ -232,7 +250,7 @@ def ragged_paged_attention_gathered(
         else:
             ot = _tile_dot_product_attention(
                 qt.astype(kv.dtype), kv, page_table[b], pos0, ntok, sm_scale=sm_scale,
-                implementation=implementation,
+                implementation=implementation, prefix_chunk_tokens=prefix_chunk_tokens,
             )  # fmt: skip
         rows = jnp.arange(TQ)[:, None, None] < ntok
         old = lax.dynamic_slice_in_dim(out, tok0, TQ)
