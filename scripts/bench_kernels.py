@@ -214,20 +214,29 @@ def main() -> None:
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write)")
 
     print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name}")
-    print(f"{'impl':<24}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}  plan")
+    header = f"{'impl':<24}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}"
+    print(f"{header}{'max|err|':>10}  plan")
     for B in args.batches if "decode" in parts else []:
         for S in args.page_sizes:
             for ctx in args.contexts:
                 batch = make_batch([1] * B, [ctx] * B, S=S, KH=KH, G=G, D=D, dtype=dtype)
                 nbytes = batch.kv_bytes + batch.q.nbytes
+                rows, outs = [], {}
                 for name, attention in kernels.items():
                     how = ref_timing if name == "reference" else timing
-                    t = try_time(functools.partial(run_attention, attention, batch, sm_scale), **how)
+                    fn = run_attention(attention, batch, sm_scale)
+                    t = try_time(lambda fn=fn: fn, **how)
+                    if t is not None:
+                        outs[name] = np.asarray(fn(), np.float32)
                     bw = None if t is None else nbytes / t
                     frac = None if bw is None else bw / copy_bw
                     note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
+                    rows.append((name, t, bw, frac, note))
+                base = next((n for n in ("gathered", "reference") if n in outs), None)
+                for name, t, bw, frac, note in rows:  # max |error| against the gathered (or reference) output
+                    err = None if base is None or name not in outs else float(np.abs(outs[name] - outs[base]).max())
                     print(f"{name:<24}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
-                          f"{fmt(frac, '9.1%')}  {note}", flush=True)  # fmt: skip
+                          f"{fmt(frac, '9.1%')}{fmt(err, '10.4f')}  {note}", flush=True)  # fmt: skip
 
     if "sweep" in parts and on_gpu:
         from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
