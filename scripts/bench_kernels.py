@@ -255,7 +255,7 @@ def main() -> None:
                           f"{fmt(frac, '9.1%'):>18}  {gpu_plan(batch, 'v2', **over)}", flush=True)  # fmt: skip
 
     print(f"\nextend (prefill, causal): KH {KH}, NH {KH * G}, D {D}, {dtype.name}, page {args.page_sizes[0]}")
-    print(f"{'impl':<24}{'rows':>12}{'time us':>10}{'TFLOP/s':>9}{'of dpa':>8}  plan")
+    print(f"{'impl':<24}{'rows':>12}{'time us':>10}{'TFLOP/s':>9}{'of dpa':>8}{'max|err|':>10}  plan")
     for spec in args.extend if "extend" in parts else []:
         q_lens, kv_lens = parse_rows(spec)
         batch = make_batch(q_lens, kv_lens, S=args.page_sizes[0], KH=KH, G=G, D=D, dtype=dtype)
@@ -263,14 +263,21 @@ def main() -> None:
         dpa = "cudnn" if on_gpu else "dot_product_attention"
         if q_lens == kv_lens:  # no prefix: the same rows contiguous
             impls[dpa] = functools.partial(cudnn_attention, batch, q_lens[0], len(q_lens), sm_scale)
-        times = {}
+        times, outs = {}, {}
         for name, make in impls.items():
-            times[name] = try_time(make, **(ref_timing if name == "reference" else timing))
+            fn = make() if name in kernels else None
+            how = ref_timing if name == "reference" else timing
+            times[name] = try_time((lambda fn=fn: fn) if fn else make, **how)
+            if fn is not None and times[name] is not None:
+                outs[name] = np.asarray(fn(), np.float32)
+        base = next((n for n in ("gathered", "reference") if n in outs), None)
         for name, t in times.items():
             tflops = None if t is None else batch.causal_flops / t / 1e12
             rel = None if t is None or times.get(dpa) is None else times[dpa] / t
+            err = None if base is None or name not in outs else float(np.abs(outs[name] - outs[base]).max())
             note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
-            print(f"{name:<24}{spec:>12}{fmt(t, '10.1f', 1e6)}{fmt(tflops, '9.2f')}{fmt(rel, '8.0%')}  {note}")
+            print(f"{name:<24}{spec:>12}{fmt(t, '10.1f', 1e6)}{fmt(tflops, '9.2f')}{fmt(rel, '8.0%')}"
+                  f"{fmt(err, '10.4f')}  {note}", flush=True)  # fmt: skip
 
     if args.smoke:
         print("\nsmoke run (tiny shapes, kernels interpreted on CPU): the figures above say nothing about "
