@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device session's checks and figures, in priority order; each part has its own time limit so a
+# slow or failing part cannot starve the next. Logs go to $OUT (the device tool's folder) or bench_out/.
+#
+#   bash scripts/gpu_bench.sh                 # on a GPU machine, from the repo root
+#   PARTS="kernels step" bash scripts/gpu_bench.sh
+#
+# Wheels the GPU image lacks (gguf, llguidance, and this repo's flax pin) are installed from .whl/ when
+# present; see docs/benchmarks.md for how to fetch them.
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+PARTS=${PARTS:-"step kernels sampler baseline"}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/device.txt"
+python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/device.txt"
+
+part() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  grep -v "^\s*$" "$OUT/$name.txt" | grep -E "^\||^#|rror|BASELINE|compile|GB/s|ms" | tail -60
+  echo "=== $name rc=$rc in $((SECONDS - t0)) s"
+}
+
+part step "${STEP_LIMIT:-300}" python3 scripts/bench_step.py --model-path scripts/configs/llama-3.1-8b \
+  --load-format dummy --sglang-prompts "${SGLANG_PROMPTS:-150}"
+part kernels "${KERNELS_LIMIT:-170}" python3 scripts/bench_kernels.py --parts decode,extend --contexts 1024 2048 8192
+part sampler "${SAMPLER_LIMIT:-45}" python3 scripts/bench_sampler.py --iters 5
+part baseline "${BASELINE_LIMIT:-70}" python3 .baseline/b1.py
