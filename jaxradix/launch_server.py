@@ -251,9 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         return engine
 
     def watch(engine: Any) -> None:
-        engine._thread.join()
-        if engine.failure:
-            logger.error("stopping the server: %s", engine.failure)
+        try:
+            engine.join()
+        except RuntimeError as e:
+            logger.error("stopping the server: %s", e)
             failed.set()
             server.should_exit = True
 

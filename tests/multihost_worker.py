@@ -16,7 +16,7 @@ if __name__ == "__main__":
     from jaxradix import Engine, SamplingParams
 
     engine = Engine(model_dir, tp_size=8, nnodes=2, node_rank=rank, dist_init_addr=f"127.0.0.1:{port}",
-                    load_format="dummy", max_running_requests=2, chunked_prefill_size=16, max_total_tokens=1024,
+                    load_format="dummy", max_running_requests=1, chunked_prefill_size=16, max_total_tokens=1024,
                     context_length=256, precompile=False, log_level="warning")
     if rank > 0:
         try:

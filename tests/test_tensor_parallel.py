@@ -101,7 +101,7 @@ def test_tp_2_4_8_match_tp_1(model_type, kv_heads):
 
 
 # -- engines --------------------------------------------------------------------------------------
-TINY_ENGINE = dict(max_running_requests=2, chunked_prefill_size=16, max_total_tokens=1024, context_length=256,
+TINY_ENGINE = dict(max_running_requests=1, chunked_prefill_size=16, max_total_tokens=1024, context_length=256,
                    load_format="dummy")
 
 
@@ -142,7 +142,7 @@ def test_embedded_model_tp3(tmp_path):
     with pytest.raises(ValueError, match="tp_size=2: does not divide the model's 9 query heads"):
         get_engine(tp_size=2)
     ref = get_engine()
-    engine = get_engine(tp_size=3, max_running_requests=2, chunked_prefill_size=16)
+    engine = get_engine(tp_size=3, max_running_requests=1, chunked_prefill_size=16)
     wqkv = engine.loaded.model.layers[0].wqkv[...]
     assert wqkv.sharding.spec == P(None, "tp") and wqkv.addressable_shards[0].data.shape == (576, (3 + 2) * 64)
     prompts = ["The capital of France is", "The capital of France is a city where"]
