@@ -93,7 +93,7 @@ def test_hub_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
     import jaxradix.models.loader as loader
 
     seen = []
-    monkeypatch.setattr(loader, "_load_dummy", lambda path, dtype, seed: seen.append(path) or SimpleNamespace())
+    monkeypatch.setattr(loader, "_load_dummy", lambda path, *_: seen.append(path) or SimpleNamespace())
     loader.load_model("acme/tiny-qwen", load_format="dummy", progress=False)  # what Engine(model_path=id) does
     assert seen == [main]
 
