@@ -43,6 +43,10 @@ class EngineConfig:
     stream_interval: int = 1
     disable_overlap_schedule: bool = False  # schedule step N+1 only after reading step N's results
     log_level: str = "info"
+    tp_size: int = 1  # tensor parallelism over this many devices (over all hosts' devices when nnodes > 1)
+    nnodes: int = 1  # processes (hosts) in one jax.distributed job; rank 0 schedules, every rank computes
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host:port of rank 0's coordination service (nnodes > 1)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
@@ -61,6 +65,13 @@ class EngineConfig:
         check(self.grammar_backend in GRAMMAR_BACKENDS, "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}")
         check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
         check(self.context_length is None or self.context_length >= 16, "context_length", "must be >= 16")
+        check(self.tp_size >= 1, "tp_size", "must be >= 1")
+        check(self.nnodes >= 1, "nnodes", "must be >= 1")
+        check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes={self.nnodes})")
+        check(self.nnodes == 1 or bool(self.dist_init_addr), "dist_init_addr",
+              "must be host:port of rank 0 when nnodes > 1")
+        check(self.nnodes == 1 or self.tp_size % self.nnodes == 0, "tp_size",
+              f"must be a multiple of nnodes={self.nnodes} (each host gives the same number of devices)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -37,7 +37,8 @@ ENGINE_FLAGS = {
     "schedule_policy": "schedule_policy", "load_format": "load_format", "context_length": "context_length",
     "dtype": "dtype", "kv_cache_dtype": "kv_cache_dtype", "attention_backend": "attention_backend",
     "grammar_backend": "grammar_backend",
-    "random_seed": "random_seed", "log_level": "log_level",
+    "random_seed": "random_seed", "log_level": "log_level", "tp_size": "tp_size", "nnodes": "nnodes",
+    "node_rank": "node_rank", "dist_init_addr": "dist_init_addr",
 }
 
 
@@ -101,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--gpu-id-step", type=int, default=1, help="distance between consecutive devices")
     dp.add_argument("--worker-restarts", type=int, default=2,
                     help="times a dead worker is started again (0: it is only removed from the router)")
+    par = ap.add_argument_group("parallelism (SGLang's names)")
+    par.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=None,
+                     help="tensor parallelism over this many devices (all hosts' devices with --nnodes)")
+    par.add_argument("--nnodes", type=int, default=None, help="processes (hosts) in one jax.distributed job")
+    par.add_argument("--node-rank", type=int, default=None,
+                     help="this process's rank; rank 0 serves HTTP and schedules, the others follow it")
+    par.add_argument("--dist-init-addr", default=None, help="host:port of rank 0's coordination service")
     ignored = ap.add_argument_group("SGLang flags with no effect here (accepted with a warning)")
     known = set(ap._option_string_actions)
     for name in sorted(BOOL_FLAGS | VALUE_FLAGS):
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.dp_size > 1:
         serve_data_parallel(ap, args)
         return
+    if (args.node_rank or 0) > 0:
+        sys.exit(follow(kwargs))
 
     import uvicorn
 
@@ -235,7 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     def factory() -> Any:
         from jaxradix import Engine
 
-        return Engine(**kwargs)
+        engine = Engine(**kwargs)
+        if engine.channel is not None:  # multi-host: a lost rank stops the engine, then the server
+            threading.Thread(target=watch, args=(engine,), daemon=True).start()
+        return engine
+
+    def watch(engine: Any) -> None:
+        try:
+            engine.join()
+        except RuntimeError as e:
+            logger.error("stopping the server: %s", e)
+            failed.set()
+            server.should_exit = True
 
     failed = threading.Event()
     server: uvicorn.Server
@@ -260,7 +281,25 @@ def main(argv: list[str] | None = None) -> None:
                 "ready)", args.host, args.port)
     server.run()
     if failed.is_set():
+        if (args.nnodes or 1) > 1:
+            logging.shutdown()
+            os._exit(1)  # a lost rank: jax.distributed's shutdown barrier would wait for it
         sys.exit(1)
+
+
+def follow(kwargs: dict[str, Any]) -> int:
+    """Ranks > 0 of a multi-host job: no HTTP server; replay rank 0's steps until it stops."""
+    from jaxradix import Engine
+
+    engine = Engine(**kwargs)
+    logger.info("rank %d ready: following rank 0", kwargs["node_rank"])
+    try:
+        engine.join()
+    except RuntimeError as e:
+        logger.error("rank %d stopped: %s", kwargs["node_rank"], e)
+        logging.shutdown()
+        os._exit(1)  # rank 0 is gone: jax.distributed's shutdown barrier would wait for it
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# 8 fake CPU devices for the tensor-parallel tests, set before JAX initialises (one device is
+# still the default placement: single-device engines are unaffected).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # One compilation cache per test session: engines with the same shapes compile once.
 os.environ.setdefault("JAXRADIX_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "jaxradix-test-jax-cache"))
 

@@ -27,11 +27,11 @@ def test_sglang_flags_are_accepted_and_the_meaningless_ones_named(tmp_path):
         "--model-path", "Qwen/Qwen2.5-0.5B-Instruct", "--tokenizer-path", "Qwen/Qwen2.5-0.5B-Instruct",
         "--served-model-name", "qwen", "--trust-remote-code", "--enable-cache-report", "--context-length", "512",
         "--tool-call-parser", "qwen25", "--reasoning-parser", "qwen3", "--chat-template", str(tpl),
-        "--tp-size", "1", "--disable-cuda-graph", "--cuda-graph-max-bs-decode", "8", "--enable-torch-compile"])
+        "--pp-size", "1", "--disable-cuda-graph", "--cuda-graph-max-bs-decode", "8", "--enable-torch-compile"])
     assert engine_kwargs(args) == {"model_path": "Qwen/Qwen2.5-0.5B-Instruct", "context_length": 512,
                                    "log_level": "info"}
     assert sorted(ignored_flags(args)) == ["--cuda-graph-max-bs-decode", "--disable-cuda-graph",
-                                           "--enable-torch-compile", "--tp-size"]
+                                           "--enable-torch-compile", "--pp-size"]
     assert server_options(args) == {"chat_template": "{{ messages[0].content }}", "tool_call_parser": "qwen25",
                                     "reasoning_parser": "qwen3"}
     assert args.served_model_name == "qwen"
@@ -58,8 +58,8 @@ def test_ignored_flags_warn_at_launch(monkeypatch, caplog):
 
     monkeypatch.setattr("jaxradix.server.create_app", no_server)
     with caplog.at_level(logging.WARNING, logger="jaxradix.server"), pytest.raises(Stop):
-        ls.main(["--tp-size", "2", "--skip-server-warmup"])
-    assert any("--tp-size" in r.getMessage() and "no meaning" in r.getMessage() for r in caplog.records)
+        ls.main(["--pp-size", "2", "--skip-server-warmup"])
+    assert any("--pp-size" in r.getMessage() and "no meaning" in r.getMessage() for r in caplog.records)
 
 
 # == Hugging Face ids, offline =====================================================================
@@ -93,7 +93,7 @@ def test_hub_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
     import jaxradix.models.loader as loader
 
     seen = []
-    monkeypatch.setattr(loader, "_load_dummy", lambda path, dtype, seed: seen.append(path) or SimpleNamespace())
+    monkeypatch.setattr(loader, "_load_dummy", lambda path, *_: seen.append(path) or SimpleNamespace())
     loader.load_model("acme/tiny-qwen", load_format="dummy", progress=False)  # what Engine(model_path=id) does
     assert seen == [main]
 

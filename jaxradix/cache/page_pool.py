@@ -12,23 +12,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxradix.models.model_config import ModelConfig
+from jaxradix.parallel.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_POOL_BYTES = 2 << 30  # no memory stats on CPU: a fixed budget
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype) -> int:
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+def kv_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype, kv_heads: int | None = None) -> int:
+    """Bytes of K and V per token over all layers, for kv_heads heads (default: the model's)."""
+    kv_heads = cfg.num_kv_heads if kv_heads is None else kv_heads
+    return cfg.num_layers * 2 * kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
 def pool_tokens(cfg: ModelConfig, dtype: jnp.dtype, max_total_tokens: int | None,
-                mem_fraction_static: float) -> int:
+                mem_fraction_static: float, tp: TensorParallel | None = None) -> int:
     """Pool size in tokens: max_total_tokens, or mem_fraction_static of the device's memory minus
-    what is already in use (the weights)."""
+    what is already in use (the weights). Under TP each device holds its own KV heads' share."""
     if max_total_tokens is not None:
         return max_total_tokens
-    per_token = kv_bytes_per_token(cfg, dtype)
+    per_token = kv_bytes_per_token(cfg, dtype, None if tp is None else tp.layout.local_kv_heads)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         budget = stats["bytes_limit"] * mem_fraction_static - stats.get("bytes_in_use", 0)
@@ -41,18 +44,22 @@ def pool_tokens(cfg: ModelConfig, dtype: jnp.dtype, max_total_tokens: int | None
 
 
 class PagePool:
-    def __init__(self, cfg: ModelConfig, num_tokens: int, page_size: int, dtype: jnp.dtype):
+    def __init__(self, cfg: ModelConfig, num_tokens: int, page_size: int, dtype: jnp.dtype,
+                 tp: TensorParallel | None = None):
         self.page_size = page_size
         self.num_pages = num_tokens // page_size + 1  # + the reserved page 0
         if self.num_pages < 2:
             raise ValueError(f"max_total_tokens={num_tokens} holds no page of {page_size} tokens")
         shape = (self.num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-        # L arrays [P, S, 2*KH, D]; page p of every layer belongs to the same tokens.
-        self.kv: tuple[jax.Array, ...] = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        # L arrays [P, S, 2*KH, D]; page p of every layer belongs to the same tokens. Under TP each
+        # device holds [P, S, 2*KHl, D] of every page (its own heads; the same page ids everywhere).
+        self.kv: tuple[jax.Array, ...] = (
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) if tp is None
+            else tp.kv_pool(self.num_pages, page_size, cfg.num_layers, dtype))
         self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)  # a stack; pops low pages first
         self._num_free = self.num_pages - 1
-        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", self.num_pages - 1, page_size,
-                    sum(a.nbytes for a in self.kv) / 2**20)
+        logger.info("KV pool: %d pages x %d tokens (%.1f MiB over %d device(s))", self.num_pages - 1, page_size,
+                    sum(a.nbytes for a in self.kv) / 2**20, 1 if tp is None else tp.tp)
 
     @property
     def capacity(self) -> int:

@@ -27,6 +27,7 @@ from jaxradix.engine.batch import Buckets, Row, build_step
 from jaxradix.engine.model_runner import LaunchedStep, ModelRunner, StepResult, enable_compilation_cache
 from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
+from jaxradix.parallel.multihost import RankLost
 
 logger = logging.getLogger("jaxradix")
 
@@ -78,17 +79,29 @@ class Engine:
         self.config = cfg = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
         logging.basicConfig(level=cfg.log_level.upper(), format="[%(asctime)s] %(message)s")
         enable_compilation_cache(cfg.compilation_cache_dir)
+        from jaxradix.parallel import multihost
+
+        multihost.init_distributed(cfg.nnodes, cfg.node_rank, cfg.dist_init_addr)  # before JAX touches a device
         import jax
 
         from jaxradix.models.loader import load_model
         from jaxradix.pallas_kernels import get_attention
 
-        self.loaded = load_model(model_path, load_format=cfg.load_format, dtype=cfg.dtype, seed=cfg.random_seed)
+        if cfg.nnodes > 1 and cfg.tp_size != jax.device_count():
+            raise ValueError(f"tp_size: with nnodes={cfg.nnodes} it must cover every device of the job "
+                             f"({jax.device_count()}), got {cfg.tp_size}")
+        # multi-host: rank 0 schedules and broadcasts each step; the other ranks follow
+        self.channel = multihost.StepChannel() if cfg.nnodes > 1 else None
+        self.is_leader = multihost.is_leader()
+        self.failure: str | None = None  # why the engine stopped on its own (a lost rank)
+        self.loaded = load_model(model_path, load_format=cfg.load_format, dtype=cfg.dtype, seed=cfg.random_seed,
+                                 tp_size=cfg.tp_size)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         dtype = self.loaded.model.dtype if cfg.kv_cache_dtype == "auto" else jax.numpy.dtype(cfg.kv_cache_dtype)
-        tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static)
-        self.pool = PagePool(mc, tokens, cfg.page_size, dtype)
+        tp = self.loaded.tp
+        tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static, tp)
+        self.pool = PagePool(mc, tokens, cfg.page_size, dtype, tp)
         self.context_len = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings,
                                self.pool.capacity * cfg.page_size)
         self.tree = RadixCache(page_size=cfg.page_size, disable=cfg.disable_radix_cache,
@@ -101,7 +114,8 @@ class Engine:
         self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
         max_pages = -(-self.context_len // cfg.page_size)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.buckets, max_pages,
-                                  cfg.max_running_requests, self.context_len, get_attention(cfg.attention_backend))
+                                  cfg.max_running_requests, self.context_len, get_attention(cfg.attention_backend),
+                                  tp, self.channel)
         self.stop_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             self.stop_token_ids |= set(self.tokenizer.stop_token_ids)
@@ -125,9 +139,10 @@ class Engine:
                       "decode_host_seconds": 0.0, "decode_gap_seconds": 0.0}
         self._last_log = (time.perf_counter(), 0)
         self.compile_seconds = self.runner.precompile() if cfg.precompile else 0.0
-        logger.info("engine ready: %s, %d KV tokens, context %d, backend %s", self.loaded.source,
-                    self.pool.capacity * cfg.page_size, self.context_len, jax.default_backend())
-        self._thread = threading.Thread(target=self._loop, name="jaxradix-engine", daemon=True)
+        logger.info("engine ready: %s, %d KV tokens, context %d, backend %s, tp %d", self.loaded.source,
+                    self.pool.capacity * cfg.page_size, self.context_len, jax.default_backend(), cfg.tp_size)
+        self._thread = threading.Thread(target=self._loop if self.is_leader else self._follow,
+                                        name="jaxradix-engine", daemon=True)
         self._thread.start()
 
     # == public API ================================================================================
@@ -186,10 +201,19 @@ class Engine:
             time.sleep(0.01)
 
     def shutdown(self) -> None:
+        """Stop the loop (on rank 0 of a multi-host job this stops every rank; other ranks stop with it)."""
+        if not self.is_leader:
+            return
         if not self._stopped:
             self._stopped = True
             self._inbox.put(None)
             self._thread.join(timeout=30)
+
+    def join(self) -> None:
+        """Block until the engine loop ends (ranks > 0: until rank 0 stops the job); raise if it failed."""
+        self._thread.join()
+        if self.failure:
+            raise RuntimeError(self.failure)
 
     def __enter__(self) -> Engine:
         return self
@@ -211,8 +235,10 @@ class Engine:
     def _submit(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: bool,
                 top_logprobs_num: int, logprob_start_len: int, rid: Any, extra_key: str | None,
                 stream: bool, loop: asyncio.AbstractEventLoop | None = None) -> tuple[list[_Handle], bool]:
-        if self._stopped:
-            raise RuntimeError("engine is shut down")
+        if self._stopped or self.failure:
+            raise RuntimeError(f"engine is shut down{': ' + self.failure if self.failure else ''}")
+        if not self.is_leader:
+            raise RuntimeError(f"this is rank {self.config.node_rank} of a multi-host job: requests go to rank 0")
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompt or input_ids")
         if prompt is not None:
@@ -329,6 +355,8 @@ class Engine:
     def _command(self, fn: Callable[[], Any], wait: bool = True) -> Any:
         if self._stopped or not self._thread.is_alive():
             raise RuntimeError("engine is shut down")
+        if not self.is_leader:
+            raise RuntimeError(f"this is rank {self.config.node_rank} of a multi-host job: rank 0 holds the state")
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
         self._wake.set()
@@ -348,6 +376,8 @@ class Engine:
             while item != ():
                 if item is None:
                     self._fail_all("engine shut down")
+                    if self.channel is not None:
+                        self._stop_followers()
                     return
                 self._handle_item(item)
                 try:
@@ -358,9 +388,30 @@ class Engine:
                 continue
             try:
                 self._step()
+            except RankLost as e:  # the job is broken: fail everything and stop
+                logger.error("engine stopped: %s", e)
+                self.failure = str(e)
+                self._fail_all(self.failure)
+                self._stopped = True
+                return
             except Exception as e:  # keep serving: fail the requests of the broken step, free their memory
                 logger.exception("engine step failed")
                 self._fail_all(f"internal error: {e}")
+
+    def _stop_followers(self) -> None:
+        try:
+            self.channel.stop()
+        except RankLost as e:
+            logger.warning("stopping the other ranks: %s", e)
+
+    def _follow(self) -> None:
+        """Ranks > 0: replay rank 0's steps until it stops the job or is lost."""
+        try:
+            self.runner.follow()
+        except RankLost as e:
+            logger.error("rank %d stopped: %s", self.config.node_rank, e)
+            self.failure = str(e)
+        self._stopped = True
 
     def _handle_item(self, item: tuple) -> None:
         if item[0] == "add":

@@ -23,6 +23,8 @@ from jaxradix.engine.batch import Bucket, Buckets, StepInput
 from jaxradix.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from jaxradix.engine.sampler import SampleOutput, SamplerState, init_slot, resolve_input_ids, sample
 from jaxradix.models.llama import LlamaForCausalLM
+from jaxradix.parallel.multihost import CMD_INIT_SLOT, CMD_STEP, Command, StepChannel
+from jaxradix.parallel.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,12 @@ def enable_compilation_cache(path: str | None) -> None:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: PagePool, buckets: Buckets, max_pages: int,
-                 num_slots: int, context_len: int, attention_fn: Any):
+                 num_slots: int, context_len: int, attention_fn: Any, tp: TensorParallel | None = None,
+                 channel: StepChannel | None = None):
         self.cfg = model.cfg
+        self.tp = tp  # None: one device; else the params and pool are sharded over tp.mesh
+        # multi-host: rank 0 broadcasts every device call's inputs; the other ranks run follow()
+        self.channel = channel
         self.graphdef, self.params = nnx.split(model)
         self.pool = pool
         self.buckets = buckets
@@ -84,6 +90,8 @@ class ModelRunner:
         self.mask_words = (self.vocab + 31) // 32
         self.attention_fn = attention_fn
         self.state = SamplerState.zeros(num_slots, self.vocab)
+        if tp is not None:
+            self.state = tp.replicate(self.state)
         self._compiled: dict[tuple[Bucket, bool], Any] = {}
         self._init_slot = None
         self.num_compiles = 0
@@ -92,14 +100,22 @@ class ModelRunner:
     def _step(self, params: nnx.State, kv: tuple[jax.Array, ...], state: SamplerState, inp: StepInput,
               prompt_logprobs: bool) -> tuple[tuple[jax.Array, ...], SamplerState, SampleOutput,
                                                PromptLogprobs | None]:
-        model = nnx.merge(self.graphdef, params)
         input_ids = resolve_input_ids(inp.input_ids, inp.input_from_slot, state)  # [T]
-        hidden, kv = model(input_ids, inp.positions, inp.slot_mapping, kv, inp.attn, self.attention_fn)
-        logits = model.logits(hidden[inp.logits_indices])  # [B, V]
+        if self.tp is None:
+            model = nnx.merge(self.graphdef, params)
+            hidden, kv = model(input_ids, inp.positions, inp.slot_mapping, kv, inp.attn, self.attention_fn)
+            logits_of = model.logits
+        else:  # per shard inside shard_map; the logits come back whole on every device
+            hidden, kv = self.tp.forward(self.graphdef, params, kv, input_ids, inp.positions, inp.slot_mapping,
+                                         inp.attn, self.attention_fn)
+
+            def logits_of(h: jax.Array) -> jax.Array:
+                return self.tp.logits(self.graphdef, params, h)
+        logits = logits_of(hidden[inp.logits_indices])  # [B, V]
         out, state = sample(logits, inp.sampling, state)
         extra = None
         if prompt_logprobs:
-            lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # [T, V]
+            lp = jax.nn.log_softmax(logits_of(hidden), axis=-1)  # [T, V]
             target = jnp.maximum(inp.lp_targets, 0)
             top_lp, top_ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
             extra = PromptLogprobs(jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0], top_ids, top_lp)
@@ -113,10 +129,14 @@ class ModelRunner:
 
     def _compile(self, bucket: Bucket, prompt_logprobs: bool) -> Any:
         step = jax.jit(self._step, donate_argnums=(1, 2), static_argnums=(4,))
-        example = jax.tree.map(jnp.asarray, self._example(bucket))
+        example = self._put(self._example(bucket))
         compiled = step.lower(self.params, self.pool.kv, self.state, example, prompt_logprobs).compile()
         self.num_compiles += 1
         return compiled
+
+    def _put(self, tree: Any) -> Any:
+        """Host arrays -> device (replicated over the mesh under TP)."""
+        return jax.tree.map(jnp.asarray, tree) if self.tp is None else self.tp.replicate(tree)
 
     def _get(self, bucket: Bucket, prompt_logprobs: bool, serving: bool = True) -> Any:
         key = (bucket, prompt_logprobs)
@@ -132,13 +152,15 @@ class ModelRunner:
         for b in tqdm(buckets, desc="compiling buckets", disable=not progress):
             self._get(b, False, serving=False)
         self._slot_fn()
+        if self.channel is not None:  # every rank, in the same order: the broadcasts compile now too
+            self.channel.warm([self._example(b) for b in buckets] + [self._slot_args(0, [], [], None)])
         return time.perf_counter() - start
 
     def _slot_fn(self) -> Any:
         if self._init_slot is None:
             C = self.context_len
-            args = (self.state, jnp.int32(0), jnp.zeros(C, jnp.int32), jnp.zeros(C, jnp.int32),
-                    jnp.zeros(MAX_LOGIT_BIAS, jnp.int32), jnp.zeros(MAX_LOGIT_BIAS, jnp.float32))
+            args = (self.state, *self._put((np.int32(0), np.zeros(C, np.int32), np.zeros(C, np.int32),
+                                            np.zeros(MAX_LOGIT_BIAS, np.int32), np.zeros(MAX_LOGIT_BIAS, np.float32))))
             self._init_slot = jax.jit(init_slot, donate_argnums=(0,)).lower(*args).compile()
             self.num_compiles += 1
         return self._init_slot
@@ -146,6 +168,13 @@ class ModelRunner:
     # -- serving --------------------------------------------------------------------------------
     def init_slot(self, slot: int, prompt_ids: list[int], output_ids: list[int],
                   logit_bias: dict[int, float] | None) -> None:
+        args = self._slot_args(slot, prompt_ids, output_ids, logit_bias)
+        if self.channel is not None:
+            self.channel.send(Command(CMD_INIT_SLOT), args)
+        self.state = self._slot_fn()(self.state, *args)
+
+    def _slot_args(self, slot: int, prompt_ids: list[int], output_ids: list[int],
+                   logit_bias: dict[int, float] | None) -> tuple[np.ndarray, ...]:
         C = self.context_len
         p = np.full(C, -1, np.int32)
         p[:len(prompt_ids)] = prompt_ids
@@ -156,11 +185,13 @@ class ModelRunner:
         if logit_bias:
             bi[:len(logit_bias)] = list(logit_bias.keys())
             bv[:len(logit_bias)] = list(logit_bias.values())
-        self.state = self._slot_fn()(self.state, np.int32(slot), p, o, bi, bv)
+        return np.int32(slot), p, o, bi, bv
 
     def launch(self, inp: StepInput, bucket: Bucket, prompt_logprobs: bool = False) -> LaunchedStep:
         """Dispatch one step without waiting for it. The sampled tokens also stay on the device, where
         the next step reads them (StepInput.input_from_slot), so the host may read them a step late."""
+        if self.channel is not None:
+            self.channel.send(Command(CMD_STEP, bucket.tokens, bucket.rows, prompt_logprobs), inp)
         fn = self._get(bucket, prompt_logprobs)
         kv, self.state, out, extra = fn(self.params, self.pool.kv, self.state, inp)
         self.pool.kv = kv
@@ -170,5 +201,21 @@ class ModelRunner:
         """Launch a step and wait for its outputs."""
         return self.launch(inp, bucket, prompt_logprobs).result()
 
+    def follow(self) -> None:
+        """Ranks > 0 of a multi-host job: replay rank 0's device calls until it stops."""
+        def template(cmd: Command) -> Any:
+            if cmd.kind == CMD_STEP:
+                return self._example(Bucket(cmd.tokens, cmd.rows))
+            return self._slot_args(0, [], [], None)
+
+        def execute(cmd: Command, payload: Any) -> None:
+            if cmd.kind == CMD_STEP:
+                fn = self._get(Bucket(cmd.tokens, cmd.rows), cmd.prompt_logprobs)
+                self.pool.kv, self.state, *_ = fn(self.params, self.pool.kv, self.state, payload)
+            else:
+                self.state = self._slot_fn()(self.state, *payload)
+
+        self.channel.follow(template, execute)
+
     def reset_state(self) -> None:
-        self.state = SamplerState.zeros(*self.state.counts.shape)
+        self.state = self._put(SamplerState.zeros(*self.state.counts.shape))

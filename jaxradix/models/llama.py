@@ -111,10 +111,15 @@ class LlamaLayer(nnx.Module):
         slot_mapping: jax.Array,  # [T] int32
         md: AttentionMetadata,
         attention_fn: AttentionFn,
+        tp_axis: str | None = None,
     ) -> tuple[jax.Array, jax.Array]:  # h [T, H], updated kv
         cfg = self.cfg
         T = h.shape[0]
-        NH, KH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # Head counts and widths come from the arrays: under tensor parallelism (inside shard_map,
+        # tp_axis set) this layer sees its shard's heads and columns, and sums partial outputs.
+        D = cfg.head_dim
+        NH, KH, I = self.wo.shape[0] // D, kv.shape[2] // 2, self.w_down.shape[0]
+        reduce = (lambda y: jax.lax.psum(y, tp_axis)) if tp_axis else (lambda y: y)
         x = rms_norm(h, self.attn_norm[...], cfg.rms_norm_eps)
         qkv = x @ self.wqkv[...]  # [T, (NH + 2*KH) * D]
         if cfg.qkv_bias:
@@ -128,14 +133,13 @@ class LlamaLayer(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv = write_kv(kv, k, v, slot_mapping)
         o = attention_fn(q, kv, md, sm_scale=1.0 / math.sqrt(D), sliding_window=cfg.sliding_window)
-        o = o.reshape(T, NH * D) @ self.wo[...]  # [T, H]
+        o = reduce(o.reshape(T, NH * D) @ self.wo[...])  # [T, H]
         if cfg.o_bias:
             o = o + self.bo[...]
         h = h + o
         x = rms_norm(h, self.mlp_norm[...], cfg.rms_norm_eps)
         gate_up = x @ self.w_gate_up[...]  # [T, 2*I]
-        I = cfg.intermediate_size
-        h = h + (jax.nn.silu(gate_up[:, :I]) * gate_up[:, I:]) @ self.w_down[...]
+        h = h + reduce((jax.nn.silu(gate_up[:, :I]) * gate_up[:, I:]) @ self.w_down[...])
         return h, kv
 
 
@@ -179,20 +183,31 @@ class LlamaForCausalLM(nnx.Module):
         kv: tuple[jax.Array, ...],  # L x [P, S, 2*KH, D]
         md: AttentionMetadata,
         attention_fn: AttentionFn = ragged_paged_attention,
+        tp_axis: str | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:  # hidden [T, H] after the final norm, updated kv
+        """tp_axis: the mesh axis when called per shard inside shard_map (parallel/tensor_parallel.py)."""
         cfg = self.cfg
         if len(kv) != cfg.num_layers:
             raise ValueError(f"kv pool has {len(kv)} layer arrays, the model has {cfg.num_layers} layers")
-        h = self.embed[...][input_ids]  # [T, H]
+        h = self.embed_tokens(input_ids, tp_axis)  # [T, H]
         angles = positions.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]  # [T, D/2]
         cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
         new_kv = []
         # Unrolled at trace time: each layer reads its own weight arrays, never a slice of a stack.
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            h, layer_kv = layer(h, layer_kv, cos, sin, slot_mapping, md, attention_fn)
+            h, layer_kv = layer(h, layer_kv, cos, sin, slot_mapping, md, attention_fn, tp_axis)
             new_kv.append(layer_kv)
         return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps), tuple(new_kv)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:  # [N, H] -> [N, V] f32
+    def embed_tokens(self, input_ids: jax.Array, tp_axis: str | None) -> jax.Array:  # [T] -> [T, H]
+        table = self.embed[...]  # [V, H], or this shard's [V/tp, H] rows (vocab-parallel)
+        if tp_axis is None or table.shape[0] == self.cfg.vocab_size:
+            return table[input_ids]
+        local = input_ids - jax.lax.axis_index(tp_axis) * table.shape[0]
+        mine = (local >= 0) & (local < table.shape[0])
+        rows = table[jnp.clip(local, 0, table.shape[0] - 1)]
+        return jax.lax.psum(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)), tp_axis)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:  # [N, H] -> [N, V] f32 (per shard: [N, V/tp])
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return (hidden @ w).astype(jnp.float32)

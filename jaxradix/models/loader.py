@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxradix.models.llama import LlamaForCausalLM, fused_parts, param_shapes
 from jaxradix.models.model_config import ModelConfig
+from jaxradix.parallel.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class LoadedModel:
     source: str
     load_format: str
     load_seconds: float
+    tp: TensorParallel | None = None  # the mesh and layout the weights are sharded with (tp_size > 1)
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32",
@@ -94,8 +96,9 @@ def detect_format(path: Path) -> str:
 
 
 def load_model(model_path: str | Path | None = None, *, load_format: str = "auto", dtype: str = "auto",
-               seed: int = 0, progress: bool = True) -> LoadedModel:
-    """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct."""
+               seed: int = 0, progress: bool = True, tp_size: int = 1) -> LoadedModel:
+    """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct.
+    tp_size > 1: every weight goes straight into its shards on a mesh of tp_size devices."""
     from jaxradix.models.embedded import embedded_model_path
     from jaxradix.models.hub import is_hub_id, resolve_model_path
 
@@ -113,13 +116,13 @@ def load_model(model_path: str | Path | None = None, *, load_format: str = "auto
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "gguf":
-        loaded = _load_gguf(path, dtype, progress)
+        loaded = _load_gguf(path, dtype, progress, tp_size)
     elif fmt == "orbax":
-        loaded = _load_orbax(path)
+        loaded = _load_orbax(path, tp_size)
     elif fmt == "safetensors":
-        loaded = _load_safetensors(path, dtype, progress)
+        loaded = _load_safetensors(path, dtype, progress, tp_size)
     else:
-        loaded = _load_dummy(path, dtype, seed)
+        loaded = _load_dummy(path, dtype, seed, tp_size)
     loaded.load_seconds = time.perf_counter() - start
     logger.info("loaded %s (%s) in %.2f s", path, fmt, loaded.load_seconds)
     return loaded
@@ -144,8 +147,9 @@ def _try_tokenizer(path: Path) -> Any:
 class _ParamBuilder:
     """Host buffers of the target dtype, filled one HF tensor at a time (fused parameters part by part)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: Any):
+    def __init__(self, cfg: ModelConfig, dtype: Any, tp: TensorParallel | None = None):
         self.cfg = cfg
+        self.tp = tp
         self.np_dtype = np.dtype(dtype)
         self.buffers = {n: np.zeros(s, self.np_dtype) for n, s in param_shapes(cfg).items()}
         self.parts = fused_parts(cfg)
@@ -189,24 +193,31 @@ class _ParamBuilder:
             for part in range(len(self.parts.get(param, (0,)))):
                 if (name, part) not in self.filled:
                     raise ValueError(f"weights incomplete: parameter {name!r} (part {part}) got no tensor")
-        params = {n: jnp.asarray(b) for n, b in self.buffers.items()}
+        place = self.tp.place_host if self.tp is not None else (lambda _, b: jnp.asarray(b))
+        params = {n: place(n, b) for n, b in self.buffers.items()}
         self.buffers.clear()
         return params
 
 
+def _tp(cfg: ModelConfig, tp_size: int) -> TensorParallel | None:
+    """The mesh for tp_size > 1, made (and the model's heads checked against it) before any weight loads."""
+    return TensorParallel(cfg, tp_size) if tp_size > 1 else None
+
+
 def _fill(cfg: ModelConfig, dtype: Any, tensors: Iterator[tuple[str, np.ndarray]], total: int,
-          progress: bool, what: str) -> LlamaForCausalLM:
-    builder = _ParamBuilder(cfg, dtype)
+          progress: bool, what: str, tp: TensorParallel | None) -> LlamaForCausalLM:
+    builder = _ParamBuilder(cfg, dtype, tp)
     for name, t in tqdm(tensors, total=total, desc=f"loading {what}", disable=not progress, unit="tensor"):
         builder.add(name, t)
     return LlamaForCausalLM(cfg, builder.build())
 
 
-def _load_safetensors(path: Path, dtype: str, progress: bool) -> LoadedModel:
+def _load_safetensors(path: Path, dtype: str, progress: bool, tp_size: int) -> LoadedModel:
     from safetensors import safe_open
 
     hf = _hf_config_of(path)
     cfg = ModelConfig.from_hf(hf)
+    tp = _tp(cfg, tp_size)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
@@ -221,39 +232,49 @@ def _load_safetensors(path: Path, dtype: str, progress: bool) -> LoadedModel:
     for f in files:
         with safe_open(str(f), framework="numpy") as st:
             total += len(list(st.keys()))
-    model = _fill(cfg, resolve_dtype(dtype, hf), tensors(), total, progress, path.name)
-    return LoadedModel(cfg, hf, model, _try_tokenizer(path), str(path), "safetensors", 0.0)
+    model = _fill(cfg, resolve_dtype(dtype, hf), tensors(), total, progress, path.name, tp)
+    return LoadedModel(cfg, hf, model, _try_tokenizer(path), str(path), "safetensors", 0.0, tp)
 
 
-def _load_gguf(path: Path, dtype: str, progress: bool) -> LoadedModel:
+def _load_gguf(path: Path, dtype: str, progress: bool, tp_size: int) -> LoadedModel:
     from jaxradix.models.gguf_file import read_gguf
 
     g = read_gguf(path)
     cfg = ModelConfig.from_hf(g.config)
+    tp = _tp(cfg, tp_size)
     model = _fill(cfg, resolve_dtype(dtype, {}, "float32"), g.iter_tensors(), g.num_tensors, progress,
-                  path.name)
-    return LoadedModel(cfg, g.config, model, g.tokenizer, str(path), "gguf", 0.0)
+                  path.name, tp)
+    return LoadedModel(cfg, g.config, model, g.tokenizer, str(path), "gguf", 0.0, tp)
 
 
-def _load_dummy(path: Path, dtype: str, seed: int) -> LoadedModel:
+def _random_param(key: jax.Array, *, shape: tuple[int, ...], dtype: Any, norm: bool) -> jax.Array:
+    if norm:
+        return jnp.ones(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _load_dummy(path: Path, dtype: str, seed: int, tp_size: int) -> LoadedModel:
     hf = _hf_config_of(path)
     cfg = ModelConfig.from_hf(hf)
+    tp = _tp(cfg, tp_size)
     jdtype = resolve_dtype(dtype, hf)
     keys = jax.random.split(jax.random.key(seed), len(param_shapes(cfg)))
     params = {}
     for key, (name, shape) in zip(keys, sorted(param_shapes(cfg).items()), strict=True):
-        if "norm" in name:
-            params[name] = jnp.ones(shape, jdtype)
-        else:
-            params[name] = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(jdtype)
+        kw = dict(shape=shape, dtype=jdtype, norm="norm" in name)
+        # under TP each device draws its own shard (the same values as unsharded)
+        params[name] = _random_param(key, **kw) if tp is None else tp.generate(name, _random_param, key, **kw)
     return LoadedModel(cfg, hf, LlamaForCausalLM(cfg, params), _try_tokenizer(path) if path.is_dir() else None,
-                       str(path), "dummy", 0.0)
+                       str(path), "dummy", 0.0, tp)
 
 
 def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     """Save converted params (and config, tokenizer) so later loads skip conversion."""
     import orbax.checkpoint as ocp
 
+    if loaded.tp is not None:
+        raise ValueError("save_orbax: load the model with tp_size=1 to convert it (checkpoints hold the "
+                         "unsharded layout)")
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     state = _nest(loaded.model.flat_params())
@@ -267,21 +288,28 @@ def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     return out
 
 
-def _load_orbax(path: Path, sharding: jax.sharding.Sharding | None = None) -> LoadedModel:
+def _load_orbax(path: Path, tp_size: int = 1) -> LoadedModel:
     import orbax.checkpoint as ocp
 
     from jaxradix.tokenizer import load_tokenizer
 
     meta = json.loads((path / ORBAX_MARKER).read_text())
     cfg = ModelConfig.from_hf(meta["config"])
+    tp = _tp(cfg, tp_size)
     dtype = jnp.dtype(meta["dtype"])
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {n: jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for n, s in param_shapes(cfg).items()}
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Under TP orbax restores each array straight into its target shards (fused q/k/v and gate/up
+    # split by rows first, then relaid out to their per-shard column blocks on the mesh).
+    target = {n: jax.ShapeDtypeStruct(s, dtype, sharding=single if tp is None else tp.restore_sharding(n, s))
+              for n, s in param_shapes(cfg).items()}
     with ocp.StandardCheckpointer() as ckpt:
         restored = _flatten(ckpt.restore(path.absolute() / "params", _nest(target)))
+    if tp is not None:
+        restored = {n: tp.place_device(n, a) for n, a in restored.items()}
     tok_dir = path / "tokenizer"
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
-    return LoadedModel(cfg, meta["config"], LlamaForCausalLM(cfg, restored), tokenizer, str(path), "orbax", 0.0)
+    return LoadedModel(cfg, meta["config"], LlamaForCausalLM(cfg, restored), tokenizer, str(path), "orbax", 0.0,
+                       tp)
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
