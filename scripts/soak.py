@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -60,10 +61,10 @@ def sse_json(line: str) -> dict | None:
     return json.loads(line[6:])
 
 
-async def read_stream(r: httpx.Response, limit: int | None = None) -> tuple[list[dict], bool]:
-    """(events, saw [DONE]); stops early after `limit` events."""
+async def read_stream(lines: AsyncIterator[str], limit: int | None = None) -> tuple[list[dict], bool]:
+    """(events, saw [DONE]) from a response's lines; stops early after `limit` events."""
     events, done = [], False
-    async for line in r.aiter_lines():
+    async for line in lines:
         if line == "data: [DONE]":
             done = True
             break
@@ -116,7 +117,7 @@ class Soak:
             async with c.stream("POST", "/v1/completions", json={
                     "prompt": self.prompt(), "max_tokens": mt, "stream": True}) as r:
                 self.expect(r, 200)
-                events, done = await read_stream(r)
+                events, done = await read_stream(r.aiter_lines())
             if not done or not events or events[-1]["choices"][0]["finish_reason"] is None:
                 raise Lost("stream: did not end with a finish_reason and [DONE]")
         elif kind == "abort":
@@ -125,10 +126,12 @@ class Soak:
                     "text": self.prompt(), "rid": rid, "stream": True,
                     "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}) as r:
                 self.expect(r, 200)
-                await read_stream(r, limit=2)
+                lines = r.aiter_lines()
+                first, _ = await read_stream(lines, limit=2)
                 a = await c.post("/abort_request", json={"rid": rid})
                 self.expect(a, 200)
-                events, done = await read_stream(r)
+                events, done = await read_stream(lines)
+                events = first + events
             fin = events[-1]["meta_info"]["finish_reason"] if events else None
             if not done or not fin or fin["type"] not in ("abort", "length"):
                 raise Lost(f"abort: the stream ended with {fin}")
@@ -136,7 +139,7 @@ class Soak:
             async with c.stream("POST", "/v1/completions", json={
                     "prompt": self.prompt(), "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
                 self.expect(r, 200)
-                await read_stream(r, limit=2)  # then leave: the server must abort it
+                await read_stream(r.aiter_lines(), limit=2)  # then leave: the server must abort it
         elif kind == "flush":
             r = await c.post("/flush_cache")
             if r.status_code not in (200, 400):  # 400: refused while busy
