@@ -408,3 +408,16 @@ def test_shutdown_aborts_streams_in_flight_at_once(engine):
     assert not t.is_alive() and took < 5, took
     assert streamed[-1]["choices"][0]["finish_reason"] == "abort"
     assert len([c for c in streamed if c["choices"][0]["text"]]) < 400
+
+
+def test_server_flags_for_reliability():
+    from jaxradix.launch_server import allowed_hosts, build_parser
+
+    ap = build_parser()
+    args = ap.parse_args([])
+    assert allowed_hosts(args) == LOOPBACK_HOSTS and args.shutdown_timeout == 0 and args.on_engine_fault == "recover"
+    assert allowed_hosts(ap.parse_args(["--host", "0.0.0.0"])) is None
+    assert allowed_hosts(ap.parse_args(["--allowed-hosts", "api.example, [::1]"])) == {"api.example", "::1"}
+    assert allowed_hosts(ap.parse_args(["--allowed-hosts", "*"])) is None
+    with pytest.raises(ValueError, match="on_engine_fault"):
+        create_app(lambda: None, on_engine_fault="explode")

@@ -263,7 +263,12 @@ class Engine:
                 grammar = self._compile_grammar(params) if params.constraint else None
                 reqs.append(Request(child_rid, list(ids), params, lp, extra_key, seed=seed + i, grammar=grammar))
         self._claim_rids([q.rid for q in reqs])
-        handles = [self._make_handle(q, stream, loop) for q in reqs]
+        try:
+            handles = [self._make_handle(q, stream, loop) for q in reqs]
+        except BaseException:
+            for q in reqs:
+                self._release_rid(q.rid)
+            raise
         for h in handles:
             self._inbox.put(("add", h))
         self._wake.set()
