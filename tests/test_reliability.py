@@ -270,7 +270,7 @@ def stream_events(base_url: str, body: dict, out: list) -> None:
 def test_fault_in_the_step_fails_requests_marks_health_and_recovers(app, base_url, http, engine, monkeypatch, where):
     state = app.state.server
     monkeypatch.setattr(state, "fault_health_window_s", 1.5)
-    target, name = (engine.runner, "step") if where == "runner" else (engine.scheduler, "schedule")
+    target, name = (engine.runner, "launch") if where == "runner" else (engine.scheduler, "schedule")
     real = getattr(target, name)
     armed = threading.Event()
 
@@ -314,7 +314,7 @@ def test_fault_in_the_step_fails_requests_marks_health_and_recovers(app, base_ur
 def test_fault_with_exit_policy_stops_the_server(engine, monkeypatch):
     stopped: list[BaseException] = []
     app = create_app(engine, on_error=stopped.append, on_engine_fault="exit")
-    real = engine.runner.step
+    real = engine.runner.launch
     calls = {"n": 0}
 
     def faulty(*args, **kwargs):
@@ -323,7 +323,7 @@ def test_fault_with_exit_policy_stops_the_server(engine, monkeypatch):
             raise RuntimeError("injected fault for exit")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "step", faulty)
+    monkeypatch.setattr(engine.runner, "launch", faulty)
     try:
         out = engine.generate("Hi", {"max_new_tokens": 3})
         assert "injected" in out["meta_info"]["error"] and out["meta_info"]["finish_reason"]["type"] == "abort"
@@ -338,6 +338,7 @@ def test_a_dead_engine_loop_fails_waiters_instead_of_hanging(monkeypatch):
     e = engine_mod.Engine.__new__(engine_mod.Engine)  # only the loop machinery, no model
     e._inbox, e._handles, e._live_rids = __import__("queue").Queue(), {}, set()
     e._rids_lock, e._stopped, e.broken, e.on_fault = threading.Lock(), False, None, None
+    e._inflight, e._last, e._exhausted = None, None, []
 
     class BadScheduler:
         idle = True

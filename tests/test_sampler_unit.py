@@ -19,11 +19,13 @@ def metadata(B: int, **fields) -> SamplingMetadata:
              min_p=np.zeros(B, np.float32), frequency_penalty=np.zeros(B, np.float32),
              presence_penalty=np.zeros(B, np.float32), repetition_penalty=np.ones(B, np.float32),
              seed=np.arange(B, dtype=np.uint32), step=np.zeros(B, np.int32), slot=np.zeros(B, np.int32),
-             use_state=np.zeros(B, bool), grammar_mask=np.full((B, 1), 0xFFFFFFFF, np.uint32))
+             use_state=np.zeros(B, bool), keep=np.ones(B, bool),
+             grammar_mask=np.full((B, 1), 0xFFFFFFFF, np.uint32))
     for k, v in fields.items():
         f[k] = np.broadcast_to(np.asarray(v, f[k].dtype), f[k].shape).copy()
     needs_filter = bool(((f["top_k"] > 0) | (f["top_p"] < 1) | (f["min_p"] > 0)).any())
-    return SamplingMetadata(**f, needs_filter=np.array(needs_filter), needs_top_logprobs=np.array(True))
+    return SamplingMetadata(**f, needs_filter=np.array(needs_filter), needs_top_logprobs=np.array(True),
+                            needs_state=np.array(bool(f["use_state"].any())))
 
 
 run = jax.jit(sample)
@@ -134,7 +136,8 @@ def test_penalties_and_bias_match_numpy(rep, freq, pres):
     np.testing.assert_array_equal(out.tokens, want)
     if freq > 0 or pres > 0 or rep > 1:
         assert (want != x.argmax(-1)).any(), "the penalty must change some choice for the test to bite"
-    # the sampled token is counted in its slot
+    # the sampled token is counted in its slot and kept as the slot's last token (the next input)
+    np.testing.assert_array_equal(np.asarray(new.last), want)
     c = np.asarray(new.counts)
     np.testing.assert_array_equal(c[np.arange(R), want], counts_np[np.arange(R), want] + 1)
     # rows without use_state ignore the state entirely

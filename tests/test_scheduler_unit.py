@@ -150,6 +150,7 @@ def test_build_step_matches_a_hand_built_batch():
     rows = [Row(dec, 3, 1, samples=True), Row(ext, 2, 4, samples=True, prompt_logprobs=True)]
     inp = build_step(rows, Bucket(8, 4), S, max_pages=3, mask_words=2)
     np.testing.assert_array_equal(inp.input_ids, [11, 3, 4, 5, 6, 0, 0, 0])
+    np.testing.assert_array_equal(inp.input_from_slot, [-1] * 8)
     np.testing.assert_array_equal(inp.positions, [3, 2, 3, 4, 5, 0, 0, 0])
     # slot = page * S + offset; padding writes page 0
     np.testing.assert_array_equal(inp.slot_mapping, [3 * 4 + 3, 5 * 4 + 2, 5 * 4 + 3, 8 * 4 + 0, 8 * 4 + 1, 0, 0, 0])
@@ -169,8 +170,16 @@ def test_build_step_matches_a_hand_built_batch():
     np.testing.assert_array_equal(sm.step, [1, 0, 0, 0])
     np.testing.assert_array_equal(sm.slot, [2, 0, 0, 0])
     np.testing.assert_array_equal(sm.use_state, [True, False, False, False])
+    np.testing.assert_array_equal(sm.keep, [True, True, False, False])
+    assert bool(sm.needs_state)
     assert bool(sm.needs_filter) and not bool(sm.needs_top_logprobs)
     assert (sm.grammar_mask == 0xFFFFFFFF).all()
+    # overlap: a token still on the device (pending) is read from the slot's last sampled token
+    dec.pending, dec.pages = 1, np.array([3, 9], np.int32)
+    inp = build_step([Row(dec, 4, 1, samples=True)], Bucket(1, 1), S, max_pages=3, mask_words=2)
+    np.testing.assert_array_equal(inp.input_from_slot, [2])
+    np.testing.assert_array_equal(inp.sampling.step, [2])
+    dec.pending = 0
     masks = np.array([[1, 0], [2, 3]], np.uint32)
     inp = build_step(rows, Bucket(8, 4), S, max_pages=3, mask_words=2, grammar_masks=masks)
     np.testing.assert_array_equal(inp.sampling.grammar_mask[:2], masks)
