@@ -245,6 +245,7 @@ def test_state_changes_are_post_only_and_foreign_hosts_are_refused(http):
 def test_the_model_path_is_not_exposed(http):
     info = http.get("/get_model_info").json()
     assert "/" not in info["model_path"] and "/" not in info["tokenizer_path"]
+    assert info["chat_template_blocks"]["prefix"]["user"]  # what lang clients render roles with
     assert all("/" not in m["root"] for m in http.get("/v1/models").json()["data"])
     server = http.get("/get_server_info").json()
     assert "/" not in server["model_path"] and server["process"]["open_fds"] > 0

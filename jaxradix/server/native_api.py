@@ -358,7 +358,8 @@ def native_router(state: ServerState) -> APIRouter:
         return {"model_path": state.model_basename, "tokenizer_path": state.model_basename, "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": "default",
                 "served_model_name": state.model_name, "model_type": mc.model_type,
-                "context_length": engine.context_len, "vocab_size": mc.vocab_size}
+                "context_length": engine.context_len, "vocab_size": mc.vocab_size,
+                "chat_template_blocks": state.chat_template_blocks()}
 
     async def server_info() -> Response:
         engine = state.require().engine

@@ -53,6 +53,7 @@ class ServerState:
         self.allow_client_chat_template = allow_client_chat_template
         self.allowed_hosts = allowed_hosts  # Host header names accepted (None: any)
         self.prep: Preprocessor | None = None
+        self._blocks: dict[str, Any] | None = None
         self.stopping = False  # shutting down: new requests get 503
         self.fault_health_window_s = FAULT_HEALTH_WINDOW_S
         self.served_model_name = served_model_name
@@ -97,6 +98,22 @@ class ServerState:
     def model_basename(self) -> str:
         """What the API shows of the model's location (never the server's absolute path)."""
         return os.path.basename(self.model_path.rstrip("/")) or self.model_path
+
+    def chat_template_blocks(self) -> dict[str, Any] | None:
+        """The chat template as per-role text blocks (lang.ChatTemplate's fields), so a frontend-language
+        client renders roles like this server without the model's files (the API shows no paths)."""
+        if self._blocks is None:
+            from dataclasses import asdict
+
+            from jaxradix.lang.chat_template import ChatTemplate
+
+            try:
+                blocks = asdict(ChatTemplate.from_tokenizer(self.engine.tokenizer, name=self.model_name))
+                blocks.pop("name")
+            except Exception:  # noqa: BLE001 - no template, or one that cannot be split into roles
+                blocks = {}
+            self._blocks = blocks
+        return self._blocks or None
 
     def health_problem(self) -> str | None:
         """Why the server cannot serve now (None when it can)."""
