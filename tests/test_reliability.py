@@ -423,3 +423,13 @@ def test_server_flags_for_reliability():
     assert allowed_hosts(ap.parse_args(["--allowed-hosts", "*"])) is None
     with pytest.raises(ValueError, match="on_engine_fault"):
         create_app(lambda: None, on_engine_fault="explode")
+
+
+def test_chat_template_blocks_follow_the_servers_template(engine):
+    app = create_app(engine)
+    app.state.server.configure(chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}</>{% endfor %}"
+                                             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with serving(app) as url:
+        blocks = httpx.get(f"{url}/get_model_info").json()["chat_template_blocks"]
+    assert blocks["prefix"]["user"] == "<user>" and blocks["suffix"]["user"] == "</>"
+    assert blocks["prefix"]["assistant"] == "<assistant>" and blocks["default_system"] == ""

@@ -43,6 +43,17 @@ class TokenTexts:
         return t
 
 
+class _ServerTemplate:
+    """The tokenizer as the chat API uses it: rendering with the server's --chat-template."""
+
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+
 class ServerState:
     def __init__(self, *, api_key: str | None, enable_metrics: bool, served_model_name: str | None,
                  max_request_bytes: int, max_prompt_chars: int | None = None,
@@ -107,8 +118,11 @@ class ServerState:
 
             from jaxradix.lang.chat_template import ChatTemplate
 
+            tokenizer: Any = self.engine.tokenizer
+            if self.chat_template is not None and tokenizer is not None:
+                tokenizer = _ServerTemplate(tokenizer, self.chat_template)
             try:
-                blocks = asdict(ChatTemplate.from_tokenizer(self.engine.tokenizer, name=self.model_name))
+                blocks = asdict(ChatTemplate.from_tokenizer(tokenizer, name=self.model_name))
                 blocks.pop("name")
             except Exception:  # noqa: BLE001 - no template, or one that cannot be split into roles
                 blocks = {}
