@@ -96,7 +96,7 @@ def test_temperature_sharpens_and_flattens():
 
 def test_greedy_rows_take_the_argmax_and_logprobs_are_raw():
     x = np.random.default_rng(4).normal(0, 2, (4, V)).astype(np.float32)
-    out, _ = run(x, metadata(4), SamplerState.zeros(1, V))
+    out, _ = run(x, metadata(4), SamplerState.zeros(4, V))
     np.testing.assert_array_equal(out.tokens, x.argmax(-1))
     ref = x - np.log(np.exp(x).sum(-1, keepdims=True))
     np.testing.assert_allclose(out.logprobs, ref[np.arange(4), x.argmax(-1)], rtol=1e-5, atol=1e-5)
@@ -153,14 +153,13 @@ def test_grammar_mask_allows_only_its_bits():
     word = np.uint32(sum(1 << t for t in allowed))
     got = draws(x, grammar_mask=word)
     assert set(got.tolist()) == set(allowed)
-    out, _ = run(x[None], metadata(1, grammar_mask=word), SamplerState.zeros(1, V))
+    out, _ = run(np.tile(x, (4, 1)), metadata(4, grammar_mask=word), SamplerState.zeros(4, V))
     assert int(out.tokens[0]) == allowed[int(np.argmax(x[allowed]))]
 
 
 def test_a_draw_depends_only_on_seed_and_step():
-    x = np.tile(logits_row(7), (3, 1))
-    md = metadata(3, temperature=1.0, seed=[5, 5, 6], step=[2, 2, 2])
-    a, _ = run(x, md, SamplerState.zeros(1, V))
+    x = np.tile(logits_row(7), (4, 1))  # one batch shape for every small case: one compile
+    a, _ = run(x, metadata(4, temperature=1.0, seed=[5, 5, 6, 7], step=[2, 2, 2, 2]), SamplerState.zeros(4, V))
     assert int(a.tokens[0]) == int(a.tokens[1])
-    b, _ = run(x[:1], metadata(1, temperature=1.0, seed=5, step=2), SamplerState.zeros(1, V))
-    assert int(b.tokens[0]) == int(a.tokens[0])
+    b, _ = run(x, metadata(4, temperature=1.0, seed=[9, 5, 9, 9], step=[0, 2, 0, 0]), SamplerState.zeros(4, V))
+    assert int(b.tokens[1]) == int(a.tokens[0])

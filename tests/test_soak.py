@@ -21,7 +21,7 @@ import pytest
 from conftest import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
-SOAK_SECONDS = 25
+SOAK_SECONDS = 15
 SHUTDOWN_TIMEOUT = 1.0  # --shutdown-timeout: how long streams may run on after SIGTERM
 EXIT_WITHIN = 15.0  # the process's exit after SIGTERM, aborts and engine shutdown included
 
