@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     ap.add_argument("--skip-server-warmup", action="store_true", help="no warmup generation before ready")
     ap.add_argument("--max-request-bytes", type=int, default=32 << 20, help="larger bodies get 413")
+    ap.add_argument("--max-prompt-chars", type=int, default=None, help="longer prompt texts get 400 before "
+                    "tokenizing (default: 16 per token of context, at least 1 Mi)")
+    ap.add_argument("--allow-client-chat-template", action="store_true",
+                    help="honour chat_template_kwargs.chat_template sent by clients (refused by default)")
+    ap.add_argument("--allowed-hosts", default=None, help="comma-separated Host header names accepted (default: "
+                    "localhost, 127.0.0.1 and ::1 when --host is a loopback address, else any); '*' accepts any")
+    ap.add_argument("--shutdown-timeout", type=float, default=0.0, help="on SIGTERM, seconds the requests in "
+                    "flight may run on before they are aborted (default 0: abort at once)")
+    ap.add_argument("--on-engine-fault", default="recover", choices=["recover", "exit"],
+                    help="after a failed engine step: fail its requests and serve on, or exit with status 1")
     eng = ap.add_argument_group("engine (unset: EngineConfig's default)")
     eng.add_argument("--mem-fraction-static", type=float, default=None,
                      help="share of free accelerator memory for the KV pool (when --max-total-tokens is unset)")
@@ -203,7 +213,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+SHUTDOWN_FLUSH_S = 5.0  # after the abort, time for the final chunks to reach the clients
+
+
+def allowed_hosts(args: argparse.Namespace) -> frozenset[str] | None:
+    if args.allowed_hosts is not None:
+        names = frozenset(h.strip().lower().strip("[]") for h in args.allowed_hosts.split(",") if h.strip())
+        return None if "*" in names else names
+    from jaxradix.server.app import LOOPBACK_HOSTS
+
+    return LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None
+
+
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": not needed here
     ap = build_parser()
     args = ap.parse_args(argv)
     kwargs = engine_kwargs(args)
@@ -232,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         options = server_options(args)
     except ValueError as e:
         ap.error(str(e))
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Failed to open libtpu.so" on CPU
     if args.dp_size > 1:
         serve_data_parallel(ap, args)
         return
@@ -241,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from jaxradix.server import create_app
+    from jaxradix.server.app import begin_shutdown
 
     def factory() -> Any:
         from jaxradix import Engine
@@ -273,10 +298,19 @@ def main(argv: list[str] | None = None) -> None:
 
     app = create_app(factory, api_key=args.api_key, enable_metrics=args.enable_metrics,
                      served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
-                     warmup=not args.skip_server_warmup, on_ready=on_ready, on_error=on_error)
+                     warmup=not args.skip_server_warmup, on_ready=on_ready, on_error=on_error,
+                     max_prompt_chars=args.max_prompt_chars, allow_client_chat_template=args.allow_client_chat_template,
+                     allowed_hosts=allowed_hosts(args), on_engine_fault=args.on_engine_fault)
     app.state.server.configure(**options)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_keep_alive=30))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGINT / SIGTERM
+            super().handle_exit(sig, frame)
+            begin_shutdown(app.state.server, args.shutdown_timeout)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_keep_alive=30,
+                                   timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_FLUSH_S))
     logger.info("starting jaxradix on http://%s:%d; the model loads in the background (/health: 503 until "
                 "ready)", args.host, args.port)
     server.run()

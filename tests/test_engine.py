@@ -126,11 +126,7 @@ def test_sampling_filters_and_penalties_run(engine):
         # each of these keeps only the top token: same as greedy
         assert engine.generate("The capital of France is", sp)["output_ids"] == \
             engine.generate("The capital of France is", SamplingParams(temperature=0, max_new_tokens=8))["output_ids"]
-    rep = engine.generate("one one one one one", SamplingParams(temperature=0, max_new_tokens=12,
-                                                                 repetition_penalty=2.0))
-    plain = engine.generate("one one one one one", SamplingParams(temperature=0, max_new_tokens=12))
-    one = engine.encode(" one")[0]
-    assert rep["output_ids"].count(one) <= plain["output_ids"].count(one)
+    # penalties must change the output in the expected direction: tests/test_penalties.py
     target = engine.encode(" banana")[0]
     biased = engine.generate("I like", SamplingParams(temperature=0, max_new_tokens=3, logit_bias={target: 100}))
     assert biased["output_ids"] == [target] * 3

@@ -32,17 +32,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PAGE = 16  # conftest's page_size
 
 
-def has_grammar() -> bool:
-    try:
-        from jaxradix.constrained import GrammarBackend  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_grammar = pytest.mark.skipif(not has_grammar(), reason="constrained decoding (jaxradix.constrained) missing")
-
-
 def load_example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
@@ -287,7 +276,6 @@ def test_stream_text_iter(backend):
 
 
 # == constrained gen ===============================================================================
-@needs_grammar
 def test_gen_regex_json_schema_and_choices(backend):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
               "additionalProperties": False}
@@ -395,7 +383,6 @@ def test_example_tree_of_thought(backend):
     assert 0 <= st.ret_value < len(mod.APPROACHES) and "answer" in st
 
 
-@needs_grammar
 def test_example_few_shot_extraction(backend):
     jsonschema = pytest.importorskip("jsonschema")
     mod = load_example("few_shot_extraction")

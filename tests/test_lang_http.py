@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 from conftest import get_engine, serving
-from test_lang import load_example, needs_grammar
+from test_lang import load_example
 
+from jaxradix import server as server_mod
 from jaxradix.lang import (
     BackendError,
     EngineBackend,
@@ -18,9 +19,6 @@ from jaxradix.lang import (
     select,
     user,
 )
-
-server_mod = pytest.importorskip("jaxradix.server", reason="the HTTP server (jaxradix.server) is not in the repo")
-uvicorn = pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +102,6 @@ def test_example_tree_of_thought_http(url):
     assert len(st["thought"]) == 3 and "answer" in st
 
 
-@needs_grammar
 def test_example_few_shot_extraction_http(url):
     jsonschema = pytest.importorskip("jsonschema")
     mod = load_example("few_shot_extraction")

@@ -6,6 +6,7 @@ Page 0 is reserved: padding tokens write there and no sequence ever reads it.
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,11 @@ from jaxradix.parallel.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_POOL_BYTES = 2 << 30  # no memory stats on CPU: a fixed budget
+# No memory stats on CPU: the pool takes a share of the RAM that is free at start-up, at most a few
+# full contexts of the model and at most CPU_POOL_MAX_BYTES.
+CPU_POOL_MAX_BYTES = 2 << 30
+CPU_POOL_RAM_FRACTION = 0.25
+CPU_POOL_CONTEXTS = 4
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype, kv_heads: int | None = None) -> int:
@@ -25,21 +30,51 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype, kv_heads: int | None 
     return cfg.num_layers * 2 * kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+def available_ram() -> int | None:
+    """Bytes of RAM free now (Linux: MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def pool_tokens(cfg: ModelConfig, dtype: jnp.dtype, max_total_tokens: int | None,
                 mem_fraction_static: float, tp: TensorParallel | None = None) -> int:
     """Pool size in tokens: max_total_tokens, or mem_fraction_static of the device's memory minus
-    what is already in use (the weights). Under TP each device holds its own KV heads' share."""
-    if max_total_tokens is not None:
-        return max_total_tokens
+    what is already in use (the weights); on CPU a share of the free RAM (see CPU_POOL_*). Under TP
+    each device holds its own KV heads' share. A pool that cannot fit is a MemoryError naming the flag
+    to change, before anything is allocated."""
     per_token = kv_bytes_per_token(cfg, dtype, None if tp is None else tp.layout.local_kv_heads)
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        where = f"{jax.devices()[0].device_kind} memory"
+    else:
+        free = available_ram()
+        where = "free RAM"
+    if max_total_tokens is not None:
+        need = max_total_tokens * per_token
+        if free is not None and need > free:
+            raise MemoryError(f"--max-total-tokens {max_total_tokens} needs a {need / 2**30:.1f} GiB KV pool "
+                              f"({per_token} bytes per token), but only {free / 2**30:.1f} GiB of {where} is "
+                              f"available: lower --max-total-tokens (at most {int(free // per_token)})")
+        return max_total_tokens
+    if "bytes_limit" in stats:
         budget = stats["bytes_limit"] * mem_fraction_static - stats.get("bytes_in_use", 0)
     else:
-        budget = CPU_DEFAULT_POOL_BYTES
+        budget = min(CPU_POOL_MAX_BYTES, per_token * CPU_POOL_CONTEXTS * cfg.max_position_embeddings)
+        if free is not None:
+            budget = min(budget, free * CPU_POOL_RAM_FRACTION)
     if budget < per_token * 256:
-        raise ValueError(f"mem_fraction_static={mem_fraction_static} leaves {budget / 2**20:.0f} MiB for the KV "
-                         f"pool, too little; raise it or set max_total_tokens")
+        raise MemoryError(f"--mem-fraction-static {mem_fraction_static} leaves {budget / 2**20:.0f} MiB for the "
+                          f"KV pool, too little: raise it, or set --max-total-tokens")
     return int(budget // per_token)
 
 

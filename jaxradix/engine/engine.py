@@ -8,6 +8,7 @@ API is safe to call from any thread or from asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -74,6 +75,18 @@ class _Launched:
                 self.seen_running = time.perf_counter()
 
 
+def _allocate_pool(mc: Any, tokens: int, page_size: int, dtype: Any, tp: Any = None) -> PagePool:
+    """The KV pool; a device out-of-memory becomes a MemoryError that names the flags to change."""
+    try:
+        return PagePool(mc, tokens, page_size, dtype, tp)
+    except Exception as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+            raise
+        raise MemoryError(f"the KV pool of {tokens} tokens does not fit in device memory ({text.splitlines()[0]}): "
+                          f"lower --max-total-tokens or --mem-fraction-static") from e
+
+
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any):
         self.config = cfg = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
@@ -101,7 +114,7 @@ class Engine:
         dtype = self.loaded.model.dtype if cfg.kv_cache_dtype == "auto" else jax.numpy.dtype(cfg.kv_cache_dtype)
         tp = self.loaded.tp
         tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static, tp)
-        self.pool = PagePool(mc, tokens, cfg.page_size, dtype, tp)
+        self.pool = _allocate_pool(mc, tokens, cfg.page_size, dtype, tp)
         self.context_len = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings,
                                self.pool.capacity * cfg.page_size)
         self.tree = RadixCache(page_size=cfg.page_size, disable=cfg.disable_radix_cache,
@@ -124,6 +137,8 @@ class Engine:
         self._rng = np.random.default_rng(cfg.random_seed)
         self._inbox: queue.Queue = queue.Queue()
         self._handles: dict[str, _Handle] = {}
+        self._live_rids: set[str] = set()  # rids submitted and not yet finished (any thread reads it)
+        self._rids_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
         self.overlap = not cfg.disable_overlap_schedule
@@ -132,6 +147,11 @@ class Engine:
         self._exhausted: list[Request] = []  # out of KV while a token is on the device: finish once read
         # host_seconds: scheduling + batch building + reading results (not the dispatch call), per step;
         # gap_seconds: device idle time between consecutive steps as the host saw it (an upper bound)
+        self.fault: str | None = None  # the last step failure
+        self.fault_time = 0.0  # time.monotonic() of the last step failure
+        self.broken: str | None = None  # why the engine cannot serve any more (set once)
+        self.fault_count = 0
+        self.on_fault: Callable[[str], None] | None = None  # called on the loop thread after a failure
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "requests": 0,
                       "steps": 0, "decode_steps": 0, "retractions": 0,
                       "prefill_tokens": 0, "max_running": 0, "overlapped_steps": 0,
@@ -235,8 +255,7 @@ class Engine:
     def _submit(self, prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: bool,
                 top_logprobs_num: int, logprob_start_len: int, rid: Any, extra_key: str | None,
                 stream: bool, loop: asyncio.AbstractEventLoop | None = None) -> tuple[list[_Handle], bool]:
-        if self._stopped or self.failure:
-            raise RuntimeError(f"engine is shut down{': ' + self.failure if self.failure else ''}")
+        self._check_serving()
         if not self.is_leader:
             raise RuntimeError(f"this is rank {self.config.node_rank} of a multi-host job: requests go to rank 0")
         if (prompt is None) == (input_ids is None):
@@ -269,11 +288,42 @@ class Engine:
                 child_rid = base if params.n == 1 else f"{base}-{i}"
                 grammar = self._compile_grammar(params) if params.constraint else None
                 reqs.append(Request(child_rid, list(ids), params, lp, extra_key, seed=seed + i, grammar=grammar))
-        handles = [self._make_handle(q, stream, loop) for q in reqs]
+        self._claim_rids([q.rid for q in reqs])
+        try:
+            handles = [self._make_handle(q, stream, loop) for q in reqs]
+        except BaseException:
+            for q in reqs:
+                self._release_rid(q.rid)
+            raise
         for h in handles:
             self._inbox.put(("add", h))
         self._wake.set()
+        if not self._thread.is_alive():  # the loop died while we queued: nobody else will answer these
+            self._fail_every_handle(self.broken or "engine shut down")
         return handles, single
+
+    def _check_serving(self) -> None:
+        if self._stopped:
+            raise RuntimeError("engine is shut down")
+        if self.broken is not None:
+            raise RuntimeError(f"engine is out of service: {self.broken}")
+        if not self._thread.is_alive():
+            raise RuntimeError("engine loop is not running")
+
+    def _claim_rids(self, rids: list[str]) -> None:
+        """Reserve request ids until their requests finish: a second request with a running id would
+        take over the first one's results (and leave it waiting forever)."""
+        with self._rids_lock:
+            seen: set[str] = set()
+            for r in rids:
+                if r in self._live_rids or r in seen:
+                    raise ValueError(f"rid: a request with id {r!r} is already running")
+                seen.add(r)
+            self._live_rids |= seen
+
+    def _release_rid(self, rid: str) -> None:
+        with self._rids_lock:
+            self._live_rids.discard(rid)
 
     def _params(self, sp: Any) -> SamplingParams:
         if sp is None:
@@ -360,13 +410,30 @@ class Engine:
         fut: Future = Future()
         self._inbox.put(("call", fn, fut))
         self._wake.set()
-        return fut.result() if wait else None
+        if not wait:
+            return None
+        while True:  # never wait on a loop that has died
+            try:
+                return fut.result(timeout=1.0)
+            except TimeoutError:
+                if not self._thread.is_alive() and not fut.done():
+                    raise RuntimeError(f"engine loop is not running: {self.broken or 'shut down'}") from None
 
     # == the loop ==================================================================================
     def _idle(self) -> bool:
         return self.scheduler.idle and self._inflight is None
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - the loop must never die silently with callers waiting
+            logger.exception("engine loop died")
+            self.broken = f"engine loop died: {type(e).__name__}: {e}"
+            self._fail_every_handle(self.broken)
+            if self.on_fault is not None:
+                self.on_fault(self.broken)
+
+    def _serve(self) -> None:
         while True:
             idle = self._idle()
             try:
@@ -375,7 +442,7 @@ class Engine:
                 item = ()
             while item != ():
                 if item is None:
-                    self._fail_all("engine shut down")
+                    self._fail_every_handle("engine shut down")
                     if self.channel is not None:
                         self._stop_followers()
                     return
@@ -391,12 +458,51 @@ class Engine:
             except RankLost as e:  # the job is broken: fail everything and stop
                 logger.error("engine stopped: %s", e)
                 self.failure = str(e)
-                self._fail_all(self.failure)
+                self.broken = self.failure
+                self._fail_every_handle(self.failure)
                 self._stopped = True
                 return
-            except Exception as e:  # keep serving: fail the requests of the broken step, free their memory
-                logger.exception("engine step failed")
-                self._fail_all(f"internal error: {e}")
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, then recover or stop
+                self._on_step_error(e)
+                if self.broken is not None:
+                    return
+
+    def _on_step_error(self, e: Exception) -> None:
+        """A step (scheduler, batch, jitted model, sampler) raised: every request in flight fails with
+        the message, its memory is freed, and the engine serves on when its ledger is still sound."""
+        logger.exception("engine step failed")
+        self.fault = f"internal error in the engine step: {type(e).__name__}: {e}"
+        self.fault_time = time.monotonic()
+        self.fault_count += 1
+        self._fail_all(self.fault)
+        try:
+            self.scheduler.check_integrity()
+        except Exception as bad:  # noqa: BLE001 - a corrupt ledger: stop serving rather than serve garbage
+            self.broken = f"{self.fault}; the KV ledger is inconsistent afterwards ({bad})"
+            self._fail_every_handle(self.broken)
+        if self.on_fault is not None:
+            self.on_fault(self.broken or self.fault)
+
+    def _fail_every_handle(self, why: str) -> None:
+        """Fail the scheduler's requests, then any handle left (queued in the inbox, half admitted)."""
+        with contextlib.suppress(Exception):
+            self._fail_all(why)
+        while True:  # requests still in the inbox never reached the scheduler
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item and item[0] == "add":
+                self._handles[item[1].req.rid] = item[1]
+            elif item and item[0] == "call":
+                item[2].set_exception(RuntimeError(why))
+        for h in list(self._handles.values()):
+            h.error = h.error or why
+            h.req.finish_reason, h.req.finish_detail = FinishReason.ABORT, why
+            h.req.finish_time = time.perf_counter()
+            self._release_rid(h.req.rid)
+            h.emit(self._output(h))
+        self._handles.clear()
 
     def _stop_followers(self) -> None:
         try:
@@ -583,6 +689,9 @@ class Engine:
                 return FinishReason.STOP, h.detok.stop_reason
         if req.grammar is not None:
             req.grammar.consume(tok)
+            if req.grammar.error is not None:  # the grammar engine gave up: an error, never a normal stop
+                h.error = f"constrained decoding failed: {req.grammar.error.strip().splitlines()[0]}"
+                return FinishReason.ABORT, h.error
             if req.grammar.is_terminated():
                 return FinishReason.STOP, None
         if not p.ignore_eos and tok in self.stop_token_ids:
@@ -607,6 +716,7 @@ class Engine:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(req.prompt_ids)
         self.stats["cached_tokens"] += req.cached_tokens
+        self._release_rid(req.rid)
         h = self._handles.pop(req.rid, None)
         if h is not None:
             if h.detok is not None and reason != FinishReason.ABORT and not h.detok.stopped:

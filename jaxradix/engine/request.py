@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,19 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # eos, a stop token or string, or a completed grammar
     LENGTH = "length"  # max_new_tokens or the context length
     ABORT = "abort"
+
+
+MAX_REGEX_REPEAT = 10_000  # the largest {n} / {n,m} bound a regex constraint may use
+_REPEAT = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def check_regex_repeats(regex: str) -> None:
+    """Refuse a repetition bound the grammar engine cannot build (it gives up mid-generation)."""
+    for m in _REPEAT.finditer(regex):
+        n = max(int(m.group(1)), int(m.group(2) or 0))
+        if n > MAX_REGEX_REPEAT:
+            raise ValueError(f"sampling_params.regex: the repetition {m.group(0)} exceeds the limit of "
+                             f"{MAX_REGEX_REPEAT}")
 
 
 @dataclass
@@ -84,8 +98,10 @@ class SamplingParams:
             raise bad("stop", "must be a non-empty string or a list of them")
         if self.stop_token_ids is not None and (
                 not isinstance(self.stop_token_ids, list)
-                or not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids)):
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids)):
             raise bad("stop_token_ids", "must be a list of token ids")
+        if self.stop_token_ids and vocab_size is not None and max(self.stop_token_ids) >= vocab_size:
+            raise bad("stop_token_ids", f"token ids must be in [0, {vocab_size})")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise bad("logit_bias", f"must be a dict of at most {MAX_LOGIT_BIAS} token id -> bias")
@@ -103,6 +119,8 @@ class SamplingParams:
         if self.choices is not None and (not isinstance(self.choices, list) or not self.choices
                                          or not all(isinstance(c, str) for c in self.choices)):
             raise bad("choices", "must be a non-empty list of strings")
+        if isinstance(self.regex, str):
+            check_regex_repeats(self.regex)
 
     @property
     def greedy(self) -> bool:
@@ -129,11 +147,14 @@ class LogprobOptions:
     logprob_start_len: int = -1  # prompt logprobs from this prompt position; -1 = none
 
     def validate(self, prompt_len: int) -> None:
-        if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs_num}")
-        if self.logprob_start_len >= prompt_len:
-            raise ValueError(f"logprob_start_len must be < the prompt length {prompt_len}, "
-                             f"got {self.logprob_start_len}")
+        if isinstance(self.top_logprobs_num, bool) or not isinstance(self.top_logprobs_num, int) \
+                or not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs_num: must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                             f"got {self.top_logprobs_num!r}")
+        if isinstance(self.logprob_start_len, bool) or not isinstance(self.logprob_start_len, int) \
+                or not -1 <= self.logprob_start_len < prompt_len:
+            raise ValueError(f"logprob_start_len: must be an integer in [-1, {prompt_len}) (the prompt has "
+                             f"{prompt_len} tokens), got {self.logprob_start_len!r}")
 
 
 @dataclass

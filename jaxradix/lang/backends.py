@@ -201,6 +201,9 @@ class RuntimeEndpoint(Backend):
             return arg
         if isinstance(arg, str) and arg in NAMED_TEMPLATES:
             return NAMED_TEMPLATES[arg]
+        blocks = self.model_info.get("chat_template_blocks")
+        if not arg and blocks:  # a jaxradix server sends its template's role blocks
+            return ChatTemplate(name=str(self.model_info.get("served_model_name", "server")), **blocks)
         path = arg or self.model_info.get("tokenizer_path") or self.model_info.get("model_path")
         if path and os.path.exists(path):
             from jaxradix.tokenizer import load_tokenizer

@@ -11,7 +11,6 @@ import logging
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,9 +27,16 @@ logger = logging.getLogger("jaxradix.server")
 
 MAX_REQUEST_BYTES = 32 << 20
 OPEN_PATHS = frozenset({"/health"})
-# Engine.async_generate waits on a worker thread per in-flight request; the default executor
-# (min(32, cpus + 4) threads) would serialize hundreds of concurrent streams.
-EXECUTOR_THREADS = 2048
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+FAULT_POLICIES = ("recover", "exit")
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port ("[::1]:80" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class GuardMiddleware:
@@ -45,6 +51,12 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        hosts = self.state.allowed_hosts
+        if hosts is not None and host_name(headers.get("host", "")) not in hosts:
+            # a page on another site that resolves its name to this address (DNS rebinding) is refused
+            await _send_error(scope, send, APIError(f"Host header {headers.get('host', '')!r} is not served here "
+                                                    f"(--allowed-hosts)", 400, code="invalid_host"))
+            return
         key = self.state.api_key
         if key and scope.get("path") not in OPEN_PATHS:
             auth = headers.get("authorization", "")
@@ -99,14 +111,51 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+def begin_shutdown(state: ServerState, grace_s: float) -> None:
+    """The server is stopping (SIGTERM): refuse new requests at once and abort those in flight after
+    grace_s seconds (0: now); each client gets a final chunk with finish reason abort."""
+    if state.stopping:
+        return
+    state.stopping = True
+
+    def abort() -> None:
+        if state.client is not None:
+            logger.info("shutting down: aborting the requests in flight")
+            state.client.abort_all()
+
+    if grace_s <= 0:
+        abort()
+    else:
+        timer = threading.Timer(grace_s, abort)
+        timer.daemon = True
+        timer.start()
+
+
 def create_app(engine_or_factory: Any, api_key: str | None = None, *, enable_metrics: bool = False,
                served_model_name: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
                warmup: bool = False, on_ready: Callable[[ServerState], None] | None = None,
-               on_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_error: Callable[[BaseException], None] | None = None, max_prompt_chars: int | None = None,
+               allow_client_chat_template: bool = False, allowed_hosts: frozenset[str] | None = None,
+               on_engine_fault: str = "recover") -> FastAPI:
     """engine_or_factory: an Engine (used as is and never shut down here; no warmup) or a zero-argument
-    callable that builds one (built in the background at start-up, shut down with the server)."""
+    callable that builds one (built in the background at start-up, shut down with the server).
+    on_engine_fault: after a failed engine step (its requests fail with 500 and /health answers 503
+    for a while), "recover" serves on; "exit" calls on_error so the process can exit."""
+    if on_engine_fault not in FAULT_POLICIES:
+        raise ValueError(f"on_engine_fault: must be one of {FAULT_POLICIES}, got {on_engine_fault!r}")
     state = ServerState(api_key=api_key, enable_metrics=enable_metrics, served_model_name=served_model_name,
-                        max_request_bytes=max_request_bytes)
+                        max_request_bytes=max_request_bytes, max_prompt_chars=max_prompt_chars,
+                        allow_client_chat_template=allow_client_chat_template, allowed_hosts=allowed_hosts)
+
+    def on_fault(why: str) -> None:  # on the engine's loop thread
+        broken = getattr(state.engine, "broken", None)
+        if (on_engine_fault == "exit" or broken) and on_error is not None:
+            logger.error("engine fault (%s): stopping the server", why)
+            on_error(RuntimeError(why))
+
+    def attach(engine: Any) -> None:
+        if hasattr(engine, "on_fault"):
+            engine.on_fault = on_fault
     is_factory = isinstance(engine_or_factory, type) or not hasattr(engine_or_factory, "async_generate")
     stopping = threading.Event()
 
@@ -114,6 +163,7 @@ def create_app(engine_or_factory: Any, api_key: str | None = None, *, enable_met
         if warmup:  # one tiny generation before /health says ready, as SGLang's server warmup
             ids = engine.encode("The capital city of France is") if engine.tokenizer is not None else [0]
             engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})
+        attach(engine)
         state.set_engine(engine)
         if on_ready is not None:
             on_ready(state)
@@ -133,9 +183,6 @@ def create_app(engine_or_factory: Any, api_key: str | None = None, *, enable_met
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="jaxradix-http")
-        loop.set_default_executor(executor)
         if is_factory:
             threading.Thread(target=build, name="jaxradix-engine-build", daemon=True).start()
         elif on_ready is not None:
@@ -144,12 +191,16 @@ def create_app(engine_or_factory: Any, api_key: str | None = None, *, enable_met
             yield
         finally:
             stopping.set()
+            state.stopping = True
             if state.client is not None:
                 state.client.abort_all()
+            if state.prep is not None:
+                state.prep.close()
             if is_factory and state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)
 
     if not is_factory:
+        attach(engine_or_factory)
         state.set_engine(engine_or_factory)
     app = FastAPI(title="jaxradix", version=__version__, lifespan=lifespan)
     app.state.server = state

@@ -69,12 +69,17 @@ class EngineClient:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _register(self, rids: list[str], ns: list[int]) -> list[str]:
-        if len(set(rids)) != len(rids) or any(r in self.active for r in rids):
+        """Claim the group rids and their engine rids; any overlap with a running request (its group
+        rid or one of its choices' `{rid}-{i}`) is refused."""
+        new = [child_rids(rid, n) for rid, n in zip(rids, ns, strict=True)]
+        names = [name for rid, children in zip(rids, new, strict=True) for name in {rid, *children}]
+        taken = set(self.active).union(*self.active.values())
+        if len(set(names)) != len(names) or taken.intersection(names):
             raise APIError("rid: a request with this id is already running", 400, param="rid")
         engine_rids: list[str] = []
-        for rid, n in zip(rids, ns, strict=True):
-            self.active[rid] = child_rids(rid, n)
-            engine_rids += self.active[rid]
+        for rid, children in zip(rids, new, strict=True):
+            self.active[rid] = children
+            engine_rids += children
         return engine_rids
 
     def _unregister(self, rids: list[str]) -> None:
@@ -132,6 +137,7 @@ class EngineClient:
         ns = [p.get("n", 1) for p in params]
         engine_rids = self._register(rids, ns)
         iters: list[AsyncIterator[dict]] = []
+        prompt_lens = [len(ids) for ids, n in zip(input_ids, ns, strict=True) for _ in range(n)]
         k = 0
         try:
             with engine_errors(param_names):
@@ -148,19 +154,21 @@ class EngineClient:
                 self.engine.abort(r)
             self._unregister(rids)
             raise
-        return StreamGroup(self, iters, engine_rids, rids)
+        return StreamGroup(self, iters, engine_rids, rids, prompt_lens)
 
 
 class StreamGroup:
     """The merged streams of one HTTP request: (choice index, cumulative output dict) events."""
 
     def __init__(self, client: EngineClient, iters: list[AsyncIterator[dict]], engine_rids: list[str],
-                 rids: list[str]) -> None:
+                 rids: list[str], prompt_lens: list[int] | None = None) -> None:
         self.client = client
         self.iters = iters
         self.engine_rids = engine_rids
         self.rids = rids
+        self.prompt_lens = prompt_lens or [0] * len(iters)
         self.done = [False] * len(iters)
+        self.last: list[dict | None] = [None] * len(iters)  # the latest output of each choice
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -178,6 +186,7 @@ class StreamGroup:
                 metrics.observe_gap(now - last[i])
             if n > seen[i]:
                 last[i], seen[i] = now, n
+            self.last[i] = out
             if out["meta_info"]["finish_reason"] is not None:
                 self.done[i] = True
                 self.client._finished(out, streamed=True)
@@ -210,6 +219,14 @@ class StreamGroup:
             else:
                 yield i, item
 
+    def _aborted_output(self, i: int) -> dict:
+        """What a choice cut short by the client counts as: its tokens so far, finish reason abort."""
+        prev = self.last[i]
+        meta = dict(prev["meta_info"]) if prev is not None else {
+            "prompt_tokens": self.prompt_lens[i], "completion_tokens": 0, "cached_tokens": 0}
+        meta["finish_reason"] = {"type": "abort", "matched": "client disconnected"}
+        return {"meta_info": meta}
+
     async def close(self) -> None:
         """Abort every choice still running (client gone, or an error) and release the iterators."""
         if self._closed:
@@ -218,6 +235,7 @@ class StreamGroup:
         for i, r in enumerate(self.engine_rids):
             if not self.done[i]:
                 self.client.engine.abort(r)
+                self.client._finished(self._aborted_output(i), streamed=True)
         for t in self._tasks:
             t.cancel()
         if self._tasks:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +23,6 @@ from jaxradix.server.engine_client import (
     EngineClient,
     LogprobArgs,
     check_output,
-    engine_errors,
     new_rid,
 )
 from jaxradix.server.errors import APIError, bad_request
@@ -70,6 +70,18 @@ def _uniform(value: Any, name: str, count: int) -> Any:
     return value[0]
 
 
+def process_stats() -> dict[str, int | None]:
+    """This server process's resident memory and open file descriptors (Linux; None elsewhere)."""
+    rss = fds = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        pass
+    return {"rss_bytes": rss, "open_fds": fds}
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -82,8 +94,8 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
     if body.text is not None:
         single = isinstance(body.text, str)
         texts = [body.text] if isinstance(body.text, str) else body.text
-        with engine_errors():
-            ids = [engine.encode(t) if t else [] for t in texts]
+        assert state.prep is not None
+        ids = await state.prep.encode(texts, "text")
         field = "text"
     else:
         single = not body.input_ids or isinstance(body.input_ids[0], int)
@@ -321,7 +333,9 @@ def native_router(state: ServerState) -> APIRouter:
 
     @router.get("/health")
     async def health() -> Response:
-        state.require()
+        problem = state.health_problem()
+        if problem is not None:
+            raise APIError(problem, 503)
         return Response(status_code=200)
 
     @router.get("/health_generate")
@@ -341,10 +355,11 @@ def native_router(state: ServerState) -> APIRouter:
     async def get_model_info() -> dict[str, Any]:
         engine = state.require().engine
         mc = engine.model_config
-        return {"model_path": state.model_path, "tokenizer_path": state.model_path, "is_generation": True,
+        return {"model_path": state.model_basename, "tokenizer_path": state.model_basename, "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": "default",
                 "served_model_name": state.model_name, "model_type": mc.model_type,
-                "context_length": engine.context_len, "vocab_size": mc.vocab_size}
+                "context_length": engine.context_len, "vocab_size": mc.vocab_size,
+                "chat_template_blocks": state.chat_template_blocks()}
 
     async def server_info() -> Response:
         engine = state.require().engine
@@ -354,9 +369,11 @@ def native_router(state: ServerState) -> APIRouter:
             "served_model_name": state.model_name, "context_length": engine.context_len,
             "max_total_num_tokens": pool.capacity * pool.page_size if pool is not None else None,
             "stats": dict(engine.stats), **engine_load(engine),
-            "cache": await asyncio.to_thread(engine.cache_stats),
-            # what SGLang's router reads at registration (each jaxradix worker is one replica)
-            "model_path": state.model_path, "tp_size": getattr(engine.config, "tp_size", 1), "dp_size": 1,
+            "cache": await asyncio.to_thread(engine.cache_stats), "process": process_stats(),
+            # what SGLang's router reads at registration (each jaxradix worker is one replica); the model's
+            # file name, never the server's path
+            "model_path": state.model_basename, "compilation_cache_dir": None,
+            "tp_size": getattr(engine.config, "tp_size", 1), "dp_size": 1,
             **worker_identity(),
         }
         return JSONResponse(_jsonable(info))
@@ -386,7 +403,7 @@ def native_router(state: ServerState) -> APIRouter:
     router.add_api_route("/get_server_info", server_info, methods=["GET"])
     router.add_api_route("/server_info", server_info, methods=["GET"])
 
-    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    @router.post("/flush_cache")  # state-changing: POST only, so a web page's GET cannot trigger it
     async def flush_cache() -> Response:
         engine = state.require().engine
         if not await asyncio.to_thread(engine.flush_cache):

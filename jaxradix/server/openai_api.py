@@ -132,7 +132,7 @@ def legacy_logprobs(entries: list[LpEntry], text: TokenTexts, offset: int = 0) -
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def parse_prompt(prompt: Any, engine: Any) -> tuple[list[list[int]], list[str | None]]:
+async def parse_prompt(prompt: Any, state: ServerState) -> tuple[list[list[int]], list[str | None]]:
     """Token ids and (for text prompts) the text of each prompt in the request."""
     def is_ids(x: Any) -> bool:
         return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
@@ -148,8 +148,8 @@ def parse_prompt(prompt: Any, engine: Any) -> tuple[list[list[int]], list[str | 
     else:
         raise bad_request("prompt: must be a non-empty string, list of strings, list of token ids or list of "
                           "token id lists", "prompt")
-    with engine_errors():
-        ids = [engine.encode(t) for t in texts]
+    assert state.prep is not None
+    ids = await state.prep.encode([t or "" for t in texts], "prompt")
     if any(not x for x in ids):
         raise bad_request("prompt: must not be empty", "prompt")
     return ids, texts
@@ -169,7 +169,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     k = body.logprobs
     if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
         raise bad_request(f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {k}", "logprobs")
-    ids, texts = parse_prompt(body.prompt, engine)
+    ids, texts = await parse_prompt(body.prompt, state)
     for x in ids:
         check_context(engine.context_len, len(x), max_tokens, "prompt")
     schema = json.dumps(body.json_schema) if isinstance(body.json_schema, dict) else body.json_schema
@@ -249,7 +249,7 @@ def chat_logprobs(entries: list[LpEntry], text: TokenTexts) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def render_messages(state: ServerState, body: ChatCompletionRequest, tools: ToolRequest | None) -> list[int]:
+async def render_messages(state: ServerState, body: ChatCompletionRequest, tools: ToolRequest | None) -> list[int]:
     tokenizer = state.engine.tokenizer
     if tokenizer is None:
         raise bad_request("this model has no tokenizer: use /generate with input_ids", "messages")
@@ -269,14 +269,11 @@ def render_messages(state: ServerState, body: ChatCompletionRequest, tools: Tool
         kwargs["continue_final_message"] = True
     if tools is not None:
         kwargs["tools"] = body.tools
+    assert state.prep is not None
+    state.prep.check_template_kwargs(kwargs)  # the client's own; the server's --chat-template is added next
     if state.chat_template is not None:
-        kwargs["chat_template"] = state.chat_template
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not body.continue_final_message,
-                                            tokenize=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
-        raise bad_request(f"messages: the chat template failed: {e}", "messages") from e
-    return list(ids)
+        kwargs.setdefault("chat_template", state.chat_template)
+    return await state.prep.render_chat(messages, add_generation_prompt=not body.continue_final_message, **kwargs)
 
 
 class ChatOutput:
@@ -365,7 +362,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad_request(f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}",
                               "top_logprobs")
-    ids = render_messages(state, body, tools)
+    ids = await render_messages(state, body, tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = max(engine.context_len - len(ids), 0)
@@ -447,7 +444,7 @@ def openai_router(state: ServerState) -> APIRouter:
 
     def model_card(name: str) -> dict[str, Any]:
         engine = state.engine
-        return {"id": name, "object": "model", "created": 0, "owned_by": "jaxradix", "root": state.model_path,
+        return {"id": name, "object": "model", "created": 0, "owned_by": "jaxradix", "root": state.model_basename,
                 "max_model_len": engine.context_len if engine is not None else None}
 
     @router.get("/v1/models")
