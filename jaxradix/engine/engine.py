@@ -24,6 +24,7 @@ from jaxradix.cache.page_pool import PagePool, pool_tokens
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.config import EngineConfig
 from jaxradix.engine.batch import Buckets, Row, build_step
+from jaxradix.engine.kv_manager import KVManager
 from jaxradix.engine.model_runner import LaunchedStep, ModelRunner, StepResult, enable_compilation_cache
 from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
@@ -107,8 +108,9 @@ class Engine:
         self.tree = RadixCache(page_size=cfg.page_size, disable=cfg.disable_radix_cache,
                                free_slots=self.pool.free_slots)
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
+        self.kv = KVManager(self.pool, self.tree)
         self.scheduler = Scheduler(
-            self.pool, self.tree, num_slots=cfg.max_running_requests, context_len=self.context_len,
+            self.kv, num_slots=cfg.max_running_requests, context_len=self.context_len,
             chunk_size=chunk, policy=cfg.schedule_policy, new_token_ratio=cfg.new_token_ratio,
             min_new_token_ratio=cfg.min_new_token_ratio)
         self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
@@ -658,8 +660,7 @@ class Engine:
     def _flush(self) -> bool:
         if not self._idle():
             return False
-        self.tree.reset()
-        self.pool.reset()
+        self.kv.reset()
         self.stats.update(prompt_tokens=0, cached_tokens=0)
         return True
 
@@ -675,7 +676,7 @@ class Engine:
         }
 
     def _usage(self) -> float:
-        return 1 - (self.pool.num_free + self.tree.evictable_size // self.pool.page_size) / self.pool.capacity
+        return self.kv.usage()
 
     def _log_prefill(self, res: Any) -> None:
         logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
