@@ -29,6 +29,7 @@ class ScheduleResult:
     new_seqs: int = 0
     new_tokens: int = 0  # extend tokens computed this step
     cached_tokens: int = 0  # prefix tokens of newly admitted requests served from the tree
+    host_tokens: int = 0  # of which loaded back from the host tier
     retracted: list[Request] = field(default_factory=list)
     exhausted: list[Request] = field(default_factory=list)  # cannot fit even alone: finish with length
 
@@ -138,7 +139,9 @@ class Scheduler:
                 break
             if req.pending:  # retracted while its last step runs: admitted once its token is read
                 continue
+            host_before = self.kv.hits.host_hit_tokens
             got = self._admit(req, budget, batch_tree)
+            res.host_tokens += self.kv.hits.host_hit_tokens - host_before
             if got is None:
                 continue
             if got == 0:
@@ -177,7 +180,7 @@ class Scheduler:
         """A row for req, None to skip it this step, 0 to stop admitting."""
         tokens = req.all_ids
         match = self.kv.match(tokens[:self._max_match(req)], req.extra_key)
-        prefix = match.length
+        prefix = match.total  # the device part plus a host part that admission loads back
         if batch_tree is not None:
             shared = len(batch_tree.match_prefix(tokens).slots)
             gain = min(shared, self._max_match(req)) // self.S * self.S - prefix  # tokens to reuse by waiting
@@ -185,7 +188,7 @@ class Scheduler:
                 return None  # another request of this batch computes that prefix (or the same prompt: n > 1)
         n = min(req.seq_len - prefix, budget)
         left = min(req.params.max_new_tokens - len(req.output_ids), self.context_len - req.seq_len)
-        need = cdiv(prefix + n, self.S) - prefix // self.S + cdiv(int(left * self.ratio), self.S)
+        need = cdiv(prefix + n, self.S) - match.length // self.S + cdiv(int(left * self.ratio), self.S)
         if need + self._reserved_pages() > self.kv.available(keep=match) and self.running:
             return 0
         if not self.kv.admit(req, match, prefix + n):
