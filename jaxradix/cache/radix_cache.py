@@ -89,6 +89,8 @@ class NodeView:
     lock_ref: int  # > 0: on the matched path of a running request, not evictable
     hit_count: int  # how many matches went through this node
     last_access: int  # LRU clock (larger = more recent)
+    on_device: bool = True  # the node's KV is in the device pool
+    on_host: bool = False  # a copy is in the host tier (hierarchical cache)
 
 
 TokenIds = Sequence[int] | np.ndarray
@@ -353,7 +355,7 @@ class RadixCache:
         while stack:
             node, parent, key = stack.pop()
             views.append(NodeView(len(views), parent, key, tuple(node.key.tolist()), node.lock_ref,
-                                  node.hit_count, node.last_access))
+                                  node.hit_count, node.last_access, node.on_device, node.host is not None))
             stack.extend((c, views[-1].index, key) for c in reversed(list(node.children.values())))
         return views
 

@@ -25,7 +25,6 @@ from jaxradix.cache.page_pool import PagePool, pool_tokens
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.config import EngineConfig
 from jaxradix.engine.batch import Buckets, Row, build_step
-from jaxradix.engine.kv_manager import KVManager
 from jaxradix.engine.model_runner import LaunchedStep, ModelRunner, StepResult, enable_compilation_cache
 from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
@@ -112,11 +111,11 @@ class Engine:
         self.tree = RadixCache(page_size=cfg.page_size, disable=cfg.disable_radix_cache,
                                free_slots=self.pool.free_slots, host=self.host_pool)
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
-        self.kv = KVManager(self.pool, self.tree, self.host_pool)
         self.scheduler = Scheduler(
-            self.kv, num_slots=cfg.max_running_requests, context_len=self.context_len,
+            self.pool, self.tree, num_slots=cfg.max_running_requests, context_len=self.context_len,
             chunk_size=chunk, policy=cfg.schedule_policy, new_token_ratio=cfg.new_token_ratio,
-            min_new_token_ratio=cfg.min_new_token_ratio)
+            min_new_token_ratio=cfg.min_new_token_ratio, host=self.host_pool)
+        self.kv = self.scheduler.kv
         self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
         max_pages = -(-self.context_len // cfg.page_size)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.buckets, max_pages,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jaxradix.cache.host_pool import HostPool
+from jaxradix.cache.page_pool import PagePool
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.engine.batch import Row
 from jaxradix.engine.kv_manager import KVManager, cdiv
@@ -35,11 +37,12 @@ class ScheduleResult:
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, *, num_slots: int, context_len: int,
-                 chunk_size: int, policy: str, new_token_ratio: float, min_new_token_ratio: float):
-        self.kv = kv
-        self.tree = kv.tree  # read only here: ordering and the disable flag
-        self.S = kv.page_size
+    def __init__(self, pool: PagePool, tree: RadixCache, *, num_slots: int, context_len: int,
+                 chunk_size: int, policy: str, new_token_ratio: float, min_new_token_ratio: float,
+                 host: HostPool | None = None):
+        self.kv = KVManager(pool, tree, host)  # every page move goes through it
+        self.tree = tree  # read only here: ordering and the disable flag
+        self.S = pool.page_size
         self.context_len = context_len
         self.chunk_size = chunk_size
         self.policy = policy
