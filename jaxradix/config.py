@@ -71,6 +71,8 @@ class EngineConfig:
         check(self.hicache_ratio > 0, "hicache_ratio", "must be > 0")
         check(self.context_length is None or self.context_length >= 16, "context_length", "must be >= 16")
         check(self.tp_size >= 1, "tp_size", "must be >= 1")
+        check(not (self.enable_hierarchical_cache and self.nnodes > 1), "enable_hierarchical_cache",
+              "is single-host only (the host tier's copies are not broadcast to other ranks)")
         check(self.nnodes >= 1, "nnodes", "must be >= 1")
         check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes={self.nnodes})")
         check(self.nnodes == 1 or bool(self.dist_init_addr), "dist_init_addr",

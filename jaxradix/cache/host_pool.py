@@ -61,7 +61,8 @@ class HostPool:
         self._num_free = self.num_pages - 1
         self.stats = HostStats()
         self._save = jax.jit(_gather)
-        self._load = jax.jit(_scatter, donate_argnums=(0,))
+        # the pool keeps its layout (sharded under TP): the compiled steps take exactly these shardings
+        self._load = jax.jit(_scatter, donate_argnums=(0,), out_shardings=tuple(a.sharding for a in pool.kv))
         self.buckets = [b for b in (1 << i for i in range(MAX_BUCKET.bit_length())) if b <= MAX_BUCKET]
         logger.info("KV host pool: %d pages x %d tokens (%.1f MiB)", self.capacity, self.page_size,
                     self.data.nbytes / 2**20)
