@@ -32,6 +32,9 @@ class EngineConfig:
     chunked_prefill_size: int = 512  # max prefill tokens in one step; -1 disables chunking
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    enable_hierarchical_cache: bool = False  # evicted radix nodes go to a host-memory KV pool, not away
+    hicache_size: float = 0  # host pool in GB; 0: hicache_ratio x the device pool
+    hicache_ratio: float = 2.0
     attention_backend: str = "auto"
     grammar_backend: str = "llguidance"
     random_seed: int = 0
@@ -64,8 +67,12 @@ class EngineConfig:
               f"must be one of {ATTENTION_BACKENDS}")
         check(self.grammar_backend in GRAMMAR_BACKENDS, "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}")
         check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
+        check(self.hicache_size >= 0, "hicache_size", "must be >= 0 (GB; 0 uses hicache_ratio)")
+        check(self.hicache_ratio > 0, "hicache_ratio", "must be > 0")
         check(self.context_length is None or self.context_length >= 16, "context_length", "must be >= 16")
         check(self.tp_size >= 1, "tp_size", "must be >= 1")
+        check(not (self.enable_hierarchical_cache and self.nnodes > 1), "enable_hierarchical_cache",
+              "is single-host only (the host tier's copies are not broadcast to other ranks)")
         check(self.nnodes >= 1, "nnodes", "must be >= 1")
         check(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in [0, nnodes={self.nnodes})")
         check(self.nnodes == 1 or bool(self.dist_init_addr), "dist_init_addr",

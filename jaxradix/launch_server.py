@@ -36,7 +36,7 @@ ENGINE_FLAGS = {
     "chunked_prefill_size": "chunked_prefill_size", "page_size": "page_size",
     "schedule_policy": "schedule_policy", "load_format": "load_format", "context_length": "context_length",
     "dtype": "dtype", "kv_cache_dtype": "kv_cache_dtype", "attention_backend": "attention_backend",
-    "grammar_backend": "grammar_backend",
+    "grammar_backend": "grammar_backend", "hicache_size": "hicache_size", "hicache_ratio": "hicache_ratio",
     "random_seed": "random_seed", "log_level": "log_level", "tp_size": "tp_size", "nnodes": "nnodes",
     "node_rank": "node_rank", "dist_init_addr": "dist_init_addr",
 }
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--page-size", type=int, default=None)
     eng.add_argument("--schedule-policy", default=None, choices=SCHEDULE_POLICIES)
     eng.add_argument("--disable-radix-cache", action="store_true")
+    eng.add_argument("--enable-hierarchical-cache", action="store_true",
+                     help="evicted radix-cache prefixes move to a host-memory KV pool and load back on a hit")
+    eng.add_argument("--hicache-size", type=float, default=None, help="host KV pool in GB (0: use --hicache-ratio)")
+    eng.add_argument("--hicache-ratio", type=float, default=None, help="host KV pool / device KV pool (default 2)")
     eng.add_argument("--disable-overlap-schedule", action="store_true",
                      help="read each step's results before scheduling the next (no host/device overlap)")
     eng.add_argument("--load-format", default=None, help="auto, safetensors, gguf, orbax or dummy")
@@ -210,6 +214,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["disable_radix_cache"] = True
     if args.disable_overlap_schedule:
         kw["disable_overlap_schedule"] = True
+    if args.enable_hierarchical_cache:
+        kw["enable_hierarchical_cache"] = True
     return kw
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -30,7 +32,7 @@ def dump(cache: RadixCache) -> dict[tuple, tuple[int, ...]]:
 
 
 def check_invariants(cache: RadixCache) -> None:
-    nodes = list(cache.nodes())
+    nodes = [n for n in cache.nodes() if n.on_device]
     assert cache.evictable_size + cache.protected_size == cache.total_size
     assert cache.total_size == sum(len(n.key) for n in nodes)
     assert cache.protected_size == sum(len(n.key) for n in nodes if n.lock_ref > 0)
@@ -369,3 +371,181 @@ RadixMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_radix_against_reference = RadixMachine.TestCase
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiered tree (hierarchical cache): device eviction writes nodes back to a host store, matches
+# continue into host-only nodes, the caller loads them back. The naive model is the set of cached
+# page prefixes plus a fake memory: every page carries its own identity (extra_key, token prefix), so
+# a copy to the wrong page, a lost write-back or a stale load shows up as a wrong identity.
+
+
+class FakeHost:
+    def __init__(self, capacity: int, device: dict[int, tuple]):
+        self.capacity = capacity
+        self.free_list = list(range(capacity, 0, -1))
+        self.mem: dict[int, tuple] = {}  # host page -> identity
+        self.device = device  # device page -> identity (shared with the machine)
+
+    def alloc(self, n: int) -> np.ndarray | None:
+        if n > len(self.free_list):
+            return None
+        return np.array([self.free_list.pop() for _ in range(n)], np.int32)
+
+    def free(self, pages: np.ndarray) -> None:
+        assert not set(pages.tolist()) & set(self.free_list), "host double free"
+        self.free_list.extend(pages.tolist())
+
+    def save(self, device_pages: np.ndarray, host_pages: np.ndarray) -> None:
+        for d, h in zip(device_pages.tolist(), host_pages.tolist(), strict=True):
+            self.mem[h] = self.device[d]
+
+
+def node_pages(cache: RadixCache) -> Iterator[tuple[TreeNode, tuple]]:
+    """(node, identity of each of its pages)."""
+    ps = cache.page_size
+    for extra_key, root in cache._roots.items():
+        stack: list[tuple[TreeNode, tuple[int, ...]]] = [(c, ()) for c in root.children.values()]
+        while stack:
+            node, prefix = stack.pop()
+            ids = []
+            for i in range(0, len(node.key), ps):
+                prefix = (*prefix, *node.key[i : i + ps].tolist())
+                ids.append((extra_key, prefix))
+            yield node, tuple(ids)
+            stack.extend((c, prefix) for c in node.children.values())
+
+
+class TieredRadixMachine(RuleBasedStateMachine):
+    @initialize(page_size=st.sampled_from([1, 2, 4]), host_pages=st.sampled_from([3, 1000]))
+    def setup(self, page_size: int, host_pages: int) -> None:
+        self.ps = page_size
+        self.device: dict[int, tuple] = {}  # device page -> identity of the tokens written there
+        self.host = FakeHost(host_pages, self.device)
+        self.evicted: list[int] = []
+        self.cache = RadixCache(page_size=page_size, free_slots=lambda s: self.evicted.extend(s.tolist()),
+                                host=self.host)
+        self.present: set[tuple] = set()  # naive model: every page prefix inserted and not dropped
+        self.ample = host_pages == 1000  # the host never fills: nothing is ever dropped
+        self.handed_in: list[int] = []
+        self.caller_freed: list[int] = []
+        self.locks: list[TreeNode] = []
+        self.next_slot = 0
+        self.seen: list[list[int]] = []
+
+    def fresh(self, n: int) -> np.ndarray:
+        self.next_slot = -(-self.next_slot // self.ps) * self.ps  # page-aligned runs
+        out = arange(self.next_slot, n)
+        self.next_slot += n
+        self.handed_in.extend(out.tolist())
+        return out
+
+    def ident(self, extra_key: str | None, tokens: list[int], k: int) -> tuple:
+        return (extra_key, tuple(tokens[:k]))
+
+    def expected_total(self, tokens: list[int], extra_key: str | None) -> int:
+        k = 0
+        while k + self.ps <= len(tokens) and self.ident(extra_key, tokens, k + self.ps) in self.present:
+            k += self.ps
+        return k
+
+    def load(self, r: object) -> np.ndarray:
+        """The caller's half of a host hit: fresh device pages, host contents copied in, attached."""
+        n = sum(len(n.key) for n in r.host_nodes)
+        slots = self.fresh(n)
+        pages = np.concatenate([node.host for node in r.host_nodes])
+        for d, h in zip((slots[:: self.ps] // self.ps).tolist(), pages.tolist(), strict=True):
+            self.device[d] = self.host.mem[h]
+        self.cache.attach(r.host_nodes, slots)
+        return slots
+
+    @rule(data=st.data(), extra_key=extra_keys, load=st.booleans())
+    def insert(self, data: st.DataObject, extra_key: str | None, load: bool) -> None:
+        tokens = data.draw(shared_prefix_tokens(self.seen))
+        self.seen.append(tokens)
+        r = self.cache.match_prefix(tokens, extra_key)
+        prefix = r.slots
+        if load and r.host_nodes:
+            prefix = np.concatenate([prefix, self.load(r)])
+        m = len(prefix)
+        slots = np.concatenate([prefix, self.fresh(len(tokens) - m)])
+        n = len(tokens) // self.ps * self.ps
+        for k in range(m + self.ps, n + 1, self.ps):
+            self.device[int(slots[k - 1]) // self.ps] = self.ident(extra_key, tokens, k)
+        count = self.cache.insert(tokens, slots, extra_key)
+        assert m <= count <= n and count % self.ps == 0
+        self.caller_freed.extend(slots[m:count].tolist())
+        self.caller_freed.extend(slots[n:].tolist())
+        self.present |= {self.ident(extra_key, tokens, k) for k in range(self.ps, n + 1, self.ps)}
+
+    @rule(data=st.data(), extra_key=extra_keys, lock=st.booleans())
+    def match(self, data: st.DataObject, extra_key: str | None, lock: bool) -> None:
+        tokens = data.draw(shared_prefix_tokens(self.seen))
+        r = self.cache.match_prefix(tokens, extra_key)
+        assert len(r.slots) + r.host_len == self.expected_total(tokens, extra_key)
+        for i, d in enumerate((r.slots[:: self.ps] // self.ps).tolist()):
+            assert self.device[d] == self.ident(extra_key, tokens, (i + 1) * self.ps)
+        if lock:
+            if r.host_nodes:
+                self.load(r)
+                r = self.cache.match_prefix(tokens, extra_key)
+                assert not r.host_nodes
+            self.cache.lock(r.node)
+            self.locks.append(r.node)
+
+    @precondition(lambda self: self.locks)
+    @rule(data=st.data())
+    def unlock(self, data: st.DataObject) -> None:
+        self.cache.unlock(self.locks.pop(data.draw(st.integers(0, len(self.locks) - 1))))
+
+    @rule(num_tokens=st.integers(0, 16))
+    def evict(self, num_tokens: int) -> None:
+        before = len(self.evicted)
+        freed = self.cache.evict(num_tokens)
+        assert freed == len(self.evicted) - before
+        assert freed >= num_tokens or self.cache.evictable_size == 0
+
+    @rule(num_pages=st.integers(0, 4))
+    def evict_host(self, num_pages: int) -> None:
+        self.cache.evict_host(num_pages)
+        self.present = {i for _, ids in node_pages(self.cache) for i in ids}
+
+    @invariant()
+    def tiers_hold_what_they_claim(self) -> None:
+        check_invariants(self.cache)
+        held: set[tuple] = set()
+        host_used: list[int] = []
+        for node, ids in node_pages(self.cache):
+            assert node.on_device or node.host is not None, "a node on neither tier"
+            assert node.parent is not None
+            assert not node.on_device or node.parent.parent is None or node.parent.on_device
+            if node.on_device:
+                assert [self.device[d] for d in (node.slots[:: self.ps] // self.ps).tolist()] == list(ids)
+            if node.host is not None:
+                assert [self.host.mem[h] for h in node.host.tolist()] == list(ids)
+                host_used.extend(node.host.tolist())
+            held |= set(ids)
+        assert len(set(host_used)) == len(host_used), "host pages shared"
+        assert sorted(host_used + self.host.free_list) == list(range(1, self.host.capacity + 1))
+        assert self.cache.host_size == len(host_used) * self.ps
+        assert held <= self.present
+        if self.ample:
+            assert held == self.present, "a write-back lost pages although the host had room"
+        else:
+            self.present = held  # pages dropped for lack of host room (and their subtrees) are gone
+        accounted = self.evicted + self.caller_freed + self.cache.all_slots().tolist()
+        assert sorted(accounted) == sorted(self.handed_in)
+
+    def teardown(self) -> None:
+        for node in self.locks:
+            self.cache.unlock(node)
+        self.cache.evict(10**9)
+        self.cache.evict_host(10**9)
+        assert self.cache.total_size == 0 and self.cache.stats().num_nodes == 0
+        assert len(self.host.free_list) == self.host.capacity
+
+
+TieredRadixMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_tiered_radix_against_reference = TieredRadixMachine.TestCase

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxradix.cache.host_pool import HostPool, host_pages_for
 from jaxradix.cache.page_pool import PagePool, pool_tokens
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.config import EngineConfig
@@ -117,13 +118,17 @@ class Engine:
         self.pool = _allocate_pool(mc, tokens, cfg.page_size, dtype, tp)
         self.context_len = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings,
                                self.pool.capacity * cfg.page_size)
+        self.host_pool = None  # the hierarchical cache's host tier; nothing to keep without a radix cache
+        if cfg.enable_hierarchical_cache and not cfg.disable_radix_cache:
+            self.host_pool = HostPool(self.pool, host_pages_for(self.pool, cfg.hicache_size, cfg.hicache_ratio))
         self.tree = RadixCache(page_size=cfg.page_size, disable=cfg.disable_radix_cache,
-                               free_slots=self.pool.free_slots)
+                               free_slots=self.pool.free_slots, host=self.host_pool)
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else self.context_len
         self.scheduler = Scheduler(
             self.pool, self.tree, num_slots=cfg.max_running_requests, context_len=self.context_len,
             chunk_size=chunk, policy=cfg.schedule_policy, new_token_ratio=cfg.new_token_ratio,
-            min_new_token_ratio=cfg.min_new_token_ratio)
+            min_new_token_ratio=cfg.min_new_token_ratio, host=self.host_pool)
+        self.kv = self.scheduler.kv
         self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
         max_pages = -(-self.context_len // cfg.page_size)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.buckets, max_pages,
@@ -159,6 +164,10 @@ class Engine:
                       "decode_host_seconds": 0.0, "decode_gap_seconds": 0.0}
         self._last_log = (time.perf_counter(), 0)
         self.compile_seconds = self.runner.precompile() if cfg.precompile else 0.0
+        if self.host_pool is not None and cfg.precompile:
+            t = time.perf_counter()
+            self.host_pool.precompile()
+            self.compile_seconds += time.perf_counter() - t
         logger.info("engine ready: %s, %d KV tokens, context %d, backend %s, tp %d", self.loaded.source,
                     self.pool.capacity * cfg.page_size, self.context_len, jax.default_backend(), cfg.tp_size)
         self._thread = threading.Thread(target=self._loop if self.is_leader else self._follow,
@@ -768,8 +777,7 @@ class Engine:
     def _flush(self) -> bool:
         if not self._idle():
             return False
-        self.tree.reset()
-        self.pool.reset()
+        self.kv.reset()
         self.stats.update(prompt_tokens=0, cached_tokens=0)
         return True
 
@@ -777,20 +785,38 @@ class Engine:
         st = self.tree.stats()
         prompt = self.stats["prompt_tokens"]
         rate = self.stats["cached_tokens"] / prompt if prompt else 0.0
-        return {
+        out: dict[str, Any] = {
             "hit_rate": rate, "cached_tokens": self.stats["cached_tokens"], "prompt_tokens": prompt,
             "shared_prefixes": st.shared_prefixes, "unique_tokens": st.total_tokens,
             "summary": f"KV Cache Hit Rate: {100 * rate:.1f}% (Shared Prefixes: {st.shared_prefixes}, "
                        f"Unique Tokens: {st.total_tokens})",
+            "device_hit_tokens": self.kv.hits.device_hit_tokens, "host_hit_tokens": self.kv.hits.host_hit_tokens,
         }
+        if self.host_pool is not None:
+            hs, S = self.host_pool.stats, self.pool.page_size
+            page_bytes = self.host_pool.data.nbytes / self.host_pool.num_pages
+            out |= {
+                "host_tokens": st.host_tokens, "host_capacity_tokens": self.host_pool.capacity * S,
+                "host_loaded_tokens": hs.loaded_pages * S, "host_saved_tokens": hs.saved_pages * S,
+                "host_load_seconds": hs.load_seconds, "host_save_seconds": hs.save_seconds,
+                "host_load_gbps": hs.loaded_pages * page_bytes / hs.load_seconds / 1e9 if hs.load_seconds else 0.0,
+                "host_save_gbps": hs.saved_pages * page_bytes / hs.save_seconds / 1e9 if hs.save_seconds else 0.0,
+            }
+            out["summary"] += (f", device hits {out['device_hit_tokens']} tokens, host hits "
+                               f"{out['host_hit_tokens']} tokens")
+        return out
 
     def _usage(self) -> float:
-        return 1 - (self.pool.num_free + self.tree.evictable_size // self.pool.page_size) / self.pool.capacity
+        return self.kv.usage()
 
     def _log_prefill(self, res: Any) -> None:
+        host = ""
+        if self.host_pool is not None:
+            host = f", #host-hit-token: {res.host_tokens}, host usage: " \
+                   f"{1 - self.host_pool.num_free / self.host_pool.capacity:.2f}"
         logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
-                    "#running-req: %d, #queue-req: %d", res.new_seqs, res.new_tokens, res.cached_tokens,
-                    self._usage(), len(self.scheduler.running), len(self.scheduler.waiting))
+                    "#running-req: %d, #queue-req: %d%s", res.new_seqs, res.new_tokens, res.cached_tokens,
+                    self._usage(), len(self.scheduler.running), len(self.scheduler.waiting), host)
 
     def _log_decode(self) -> None:
         now, gen = time.perf_counter(), self.stats["generated_tokens"]

@@ -1,13 +1,8 @@
-"""The scheduler: which requests run in the next step, and where their K/V lives.
+"""The scheduler: which requests run in the next step (policy only; pages belong to KVManager).
 
 Host only (numpy, no JAX). Every step is one ragged batch: one decode row per running request
 that has its history computed, the next chunk of every request still prefilling, then newly
 admitted requests in policy order while the token budget and the KV budget allow.
-
-Memory ownership: a running request owns ``pages[prefix_len // S:]``; its first prefix_len
-tokens live in tree pages it keeps locked through ``last_node``. Finishing (or retracting)
-inserts the computed tokens into the tree, frees the request's duplicate and partial pages and
-unlocks. With the radix cache disabled nothing is shared and everything is freed.
 """
 
 from __future__ import annotations
@@ -18,9 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jaxradix.cache.host_pool import HostPool
 from jaxradix.cache.page_pool import PagePool
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.engine.batch import Row
+from jaxradix.engine.kv_manager import KVManager, cdiv
 from jaxradix.engine.request import Request
 
 logger = logging.getLogger(__name__)
@@ -34,19 +31,17 @@ class ScheduleResult:
     new_seqs: int = 0
     new_tokens: int = 0  # extend tokens computed this step
     cached_tokens: int = 0  # prefix tokens of newly admitted requests served from the tree
+    host_tokens: int = 0  # of which loaded back from the host tier
     retracted: list[Request] = field(default_factory=list)
     exhausted: list[Request] = field(default_factory=list)  # cannot fit even alone: finish with length
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class Scheduler:
     def __init__(self, pool: PagePool, tree: RadixCache, *, num_slots: int, context_len: int,
-                 chunk_size: int, policy: str, new_token_ratio: float, min_new_token_ratio: float):
-        self.pool = pool
-        self.tree = tree
+                 chunk_size: int, policy: str, new_token_ratio: float, min_new_token_ratio: float,
+                 host: HostPool | None = None):
+        self.kv = KVManager(pool, tree, host)  # every page move goes through it
+        self.tree = tree  # read only here: ordering and the disable flag
         self.S = pool.page_size
         self.context_len = context_len
         self.chunk_size = chunk_size
@@ -80,58 +75,12 @@ class Scheduler:
         return None
 
     # -- memory ---------------------------------------------------------------------------------
-    def _alloc(self, n: int) -> np.ndarray | None:
-        if n <= 0:
-            return np.zeros(0, np.int32)
-        pages = self.pool.alloc(n)
-        if pages is None:
-            self.tree.evict((n - self.pool.num_free) * self.S)
-            pages = self.pool.alloc(n)
-        return pages
-
-    def _grow(self, req: Request, upto: int) -> bool:
-        """Give req pages for positions [0, upto)."""
-        got = self._alloc(_cdiv(upto, self.S) - len(req.pages))
-        if got is None:
-            return False
-        if len(got):
-            req.pages = np.concatenate([req.pages, got])
-        return True
-
-    def _slots(self, req: Request, n: int) -> np.ndarray:  # [n] token slots of the first n tokens
-        pos = np.arange(n, dtype=np.int32)
-        return req.pages[pos // self.S] * self.S + pos % self.S
-
-    def _cache(self, req: Request, finished: bool) -> None:
-        """Insert the computed tokens into the tree; keep (finished=False) or drop the request's pages."""
-        S = self.S
-        aligned = min(req.kv_len, req.seq_len) // S * S  # a launched step may compute an unread token
-        if self.tree.disable or aligned <= req.prefix_len:
-            if finished:
-                self.pool.free(req.pages[req.prefix_len // S:])
-                if req.last_node is not None:
-                    self.tree.unlock(req.last_node)
-            return
-        tokens = req.all_ids[:aligned]
-        present = self.tree.insert(tokens, self._slots(req, aligned), req.extra_key)
-        self.pool.free(req.pages[req.prefix_len // S:present // S])  # duplicates of tree pages
-        if finished:
-            self.pool.free(req.pages[aligned // S:])
-            self.tree.unlock(req.last_node)
-            return
-        match = self.tree.match_prefix(tokens, req.extra_key, touch=False)
-        assert len(match.slots) == aligned
-        req.pages[:aligned // S] = match.slots[::S] // S
-        self.tree.lock(match.node)
-        self.tree.unlock(req.last_node)
-        req.last_node, req.prefix_len = match.node, aligned
-
     def release(self, req: Request) -> None:
         """A running request leaves (finished, aborted or retracted): cache it and free the rest."""
-        self._cache(req, finished=True)
+        self.kv.free(req)
         self.running.remove(req)
         self.free_slots.append(req.slot)
-        req.slot, req.pages, req.kv_len, req.prefix_len, req.last_node = -1, np.zeros(0, np.int32), 0, 0, None
+        req.slot = -1
 
     def _retract(self, keep: Request) -> Request | None:
         victims = [r for r in self.running if r is not keep]
@@ -148,7 +97,7 @@ class Scheduler:
         total = 0
         for r in self.running:
             left = min(r.params.max_new_tokens - len(r.output_ids) - r.pending, self.context_len - r.known_len)
-            total += _cdiv(int(max(left, 0) * self.ratio), self.S)
+            total += cdiv(int(max(left, 0) * self.ratio), self.S)
         return total
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -161,7 +110,7 @@ class Scheduler:
                 continue
             if self._done_when_read(req):
                 continue
-            while not self._grow(req, req.kv_len + 1):
+            while not self.kv.grow(req, req.kv_len + 1):
                 victim = self._retract(keep=req)
                 if victim is None:
                     res.exhausted.append(req)
@@ -181,7 +130,7 @@ class Scheduler:
                     or any(r.req is req for r in res.rows):
                 continue
             n = min(left, budget)
-            if not self._grow(req, req.kv_len + n):
+            if not self.kv.grow(req, req.kv_len + n):
                 continue
             res.rows.append(Row(req, req.kv_len, n, samples=n == left, prompt_logprobs=self._wants_lp(req)))
             res.new_tokens += n
@@ -193,7 +142,9 @@ class Scheduler:
                 break
             if req.pending:  # retracted while its last step runs: admitted once its token is read
                 continue
+            host_before = self.kv.hits.host_hit_tokens
             got = self._admit(req, budget, batch_tree)
+            res.host_tokens += self.kv.hits.host_hit_tokens - host_before
             if got is None:
                 continue
             if got == 0:
@@ -213,7 +164,7 @@ class Scheduler:
                 continue
             req.kv_len = row.start + row.n
             if row.n > 1:
-                self._cache(req, finished=False)
+                self.kv.commit(req)
 
     def _done_when_read(self, req: Request) -> bool:
         """The token still on the device ends the request (length), so it needs no further step."""
@@ -231,27 +182,19 @@ class Scheduler:
     def _admit(self, req: Request, budget: int, batch_tree: RadixCache | None) -> Row | None | int:
         """A row for req, None to skip it this step, 0 to stop admitting."""
         tokens = req.all_ids
-        match = self.tree.match_prefix(tokens[:self._max_match(req)], req.extra_key)
-        prefix = len(match.slots)
+        match = self.kv.match(tokens[:self._max_match(req)], req.extra_key)
+        prefix = match.total  # the device part plus a host part that admission loads back
         if batch_tree is not None:
             shared = len(batch_tree.match_prefix(tokens).slots)
             gain = min(shared, self._max_match(req)) // self.S * self.S - prefix  # tokens to reuse by waiting
             if gain > 0 and (gain >= IN_BATCH_SHARE_THRESHOLD or shared >= len(tokens) - 1):
                 return None  # another request of this batch computes that prefix (or the same prompt: n > 1)
         n = min(req.seq_len - prefix, budget)
-        self.tree.lock(match.node)
         left = min(req.params.max_new_tokens - len(req.output_ids), self.context_len - req.seq_len)
-        need = _cdiv(prefix + n, self.S) - prefix // self.S + _cdiv(int(left * self.ratio), self.S)
-        available = self.pool.num_free + self.tree.evictable_size // self.S
-        if need + self._reserved_pages() > available and self.running:
-            self.tree.unlock(match.node)
+        need = cdiv(prefix + n, self.S) - match.length // self.S + cdiv(int(left * self.ratio), self.S)
+        if need + self._reserved_pages() > self.kv.available(keep=match) and self.running:
             return 0
-        req.pages = (match.slots[::self.S] // self.S).astype(np.int32)
-        req.prefix_len = req.kv_len = prefix
-        req.last_node = match.node
-        if not self._grow(req, prefix + n):
-            self.tree.unlock(match.node)
-            req.pages, req.prefix_len, req.kv_len, req.last_node = np.zeros(0, np.int32), 0, 0, None
+        if not self.kv.admit(req, match, prefix + n):
             return 0
         self.waiting.remove(req)
         req.slot = self.free_slots.pop()
@@ -271,8 +214,8 @@ class Scheduler:
         if self.policy == "fcfs" or self.tree.disable or len(waiting) <= 1:
             return waiting
         if self.policy == "lpm":
-            lens = {id(r): len(self.tree.match_prefix(r.all_ids[:self._max_match(r)], r.extra_key,
-                                                      touch=False).slots) for r in waiting}
+            lens = {id(r): self.kv.match(r.all_ids[:self._max_match(r)], r.extra_key, touch=False).length
+                    for r in waiting}
             return sorted(waiting, key=lambda r: -lens[id(r)])
         return self._dfs_weight_order(waiting)
 
@@ -282,7 +225,7 @@ class Scheduler:
         weight: dict[int, int] = {}
         nodes = {}
         for r in waiting:
-            node = self.tree.match_prefix(r.all_ids[:self._max_match(r)], r.extra_key, touch=False).node
+            node = self.kv.match(r.all_ids[:self._max_match(r)], r.extra_key, touch=False).node
             at_node.setdefault(id(node), []).append(r)
             while node is not None:
                 weight[id(node)] = weight.get(id(node), 0) + 1
@@ -299,22 +242,6 @@ class Scheduler:
 
     # -- checks ---------------------------------------------------------------------------------
     def check_integrity(self) -> None:
-        S = self.S
-        free = self.pool.free_pages_set()
-        tree_pages = set((np.asarray(self.tree.all_slots(), np.int64) // S).tolist())
-        owned: set[int] = set()
-        for r in self.running:
-            own = set(r.pages[r.prefix_len // S:].tolist())
-            assert not own & owned, f"request {r.rid} shares pages with another request"
-            owned |= own
-        assert not free & tree_pages, "pages both free and in the tree"
-        assert not free & owned, "pages both free and owned by a request"
-        assert not tree_pages & owned, "pages both in the tree and owned by a request"
-        every = free | tree_pages | owned
-        assert every == set(range(1, self.pool.num_pages)), (
-            f"page leak: {self.pool.capacity - len(every)} pages unaccounted")
-        assert self.pool.num_free + (self.tree.evictable_size + self.tree.protected_size) // S + len(owned) \
-            == self.pool.capacity
+        self.kv.check_integrity(self.running)
         if not self.running:
-            assert self.tree.protected_size == 0, f"{self.tree.protected_size} tokens locked while idle"
             assert len(self.free_slots) == self.num_slots, "request slots leaked"

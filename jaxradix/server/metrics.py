@@ -30,7 +30,23 @@ def engine_load(engine: Any) -> dict[str, float]:
     stats = getattr(engine, "stats", {}) or {}
     prompt = stats.get("prompt_tokens", 0)
     hit = stats.get("cached_tokens", 0) / prompt if prompt else 0.0
-    return {"num_running_reqs": running, "num_queue_reqs": queued, "token_usage": usage, "cache_hit_rate": hit}
+    out = {"num_running_reqs": running, "num_queue_reqs": queued, "token_usage": usage, "cache_hit_rate": hit}
+    return out | hicache_load(engine)
+
+
+def hicache_load(engine: Any) -> dict[str, float]:
+    """Device and host prefix hits, tokens loaded back and load bandwidth (zeros without a host tier)."""
+    kv, host = getattr(engine, "kv", None), getattr(engine, "host_pool", None)
+    out = {"device_hit_tokens": 0.0, "host_hit_tokens": 0.0, "host_loaded_tokens": 0.0, "host_load_gbps": 0.0}
+    if kv is not None:
+        out["device_hit_tokens"] = float(kv.hits.device_hit_tokens)
+        out["host_hit_tokens"] = float(kv.hits.host_hit_tokens)
+    if host is not None:
+        hs = host.stats
+        out["host_loaded_tokens"] = float(hs.loaded_pages * host.page_size)
+        if hs.load_seconds:
+            out["host_load_gbps"] = hs.loaded_pages * host.data.nbytes / host.num_pages / hs.load_seconds / 1e9
+    return out
 
 
 class Metrics:
@@ -60,6 +76,11 @@ class Metrics:
         gauge("num_queue_reqs", "Requests waiting in the engine queue", "num_queue_reqs")
         gauge("token_usage", "Share of KV pool pages in use (locked or owned)", "token_usage")
         gauge("cache_hit_rate", "Prompt tokens served from the radix cache / prompt tokens", "cache_hit_rate")
+        gauge("cache_device_hit_tokens", "Prefix tokens found in the device KV pool at admission", "device_hit_tokens")
+        gauge("cache_host_hit_tokens", "Prefix tokens loaded back from the host tier at admission", "host_hit_tokens")
+        gauge("hicache_loaded_tokens", "Tokens copied host -> device by the hierarchical cache", "host_loaded_tokens")
+        gauge("hicache_load_gbps", "Host -> device copy bandwidth, GB/s of host time (dispatch, asynchronous)",
+              "host_load_gbps")
 
     def observe_finished(self, meta: dict[str, Any], streamed: bool) -> None:
         """Count one finished request; a stream observed its inter-token gaps as they happened."""

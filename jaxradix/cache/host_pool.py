@@ -1,0 +1,138 @@
+"""The host tier of the KV cache: pages in host memory (numpy), and the jitted page copies to and
+from the device pool.
+
+A host page holds one device page of every layer: `data[L, Ph, S, 2*KH, D]`. Copies move whole
+pages, padded to a fixed page-count bucket (powers of two up to MAX_BUCKET; longer copies go in
+several calls) so nothing compiles while serving once `precompile` ran. Padding entries read and
+write the reserved device page 0 and the reserved host page 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxradix.cache.page_pool import PagePool
+
+logger = logging.getLogger(__name__)
+
+MAX_BUCKET = 64  # pages per compiled copy
+
+
+@dataclass
+class HostStats:
+    saved_pages: int = 0  # device -> host copies (write-back on device eviction)
+    loaded_pages: int = 0  # host -> device copies (a match reaching host-resident nodes)
+    save_seconds: float = 0.0  # host wall time of the copies out (they wait for the device)
+    load_seconds: float = 0.0  # host wall time to stage and dispatch the copies in (asynchronous)
+
+
+def host_pages_for(pool: PagePool, size_gb: float, ratio: float) -> int:
+    """Host pool size in pages: size_gb GB when > 0, else ratio x the device pool."""
+    if size_gb > 0:
+        page_bytes = sum(a.nbytes for a in pool.kv) // pool.num_pages
+        return max(int(size_gb * 1e9 // page_bytes), 1)
+    return max(int(pool.capacity * ratio), 1)
+
+
+def _gather(kv: tuple[jax.Array, ...], pages: jax.Array) -> jax.Array:
+    """kv: L x [P, S, 2*KH, D]; pages: [B] -> [L, B, S, 2*KH, D]."""
+    return jnp.stack([a[pages] for a in kv])
+
+
+def _scatter(kv: tuple[jax.Array, ...], pages: jax.Array, data: jax.Array) -> tuple[jax.Array, ...]:
+    """Write data [L, B, S, 2*KH, D] into pages [B] of every layer."""
+    return tuple(a.at[pages].set(data[i].astype(a.dtype)) for i, a in enumerate(kv))
+
+
+class HostPool:
+    def __init__(self, pool: PagePool, num_pages: int):
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.num_pages = num_pages + 1  # + the reserved page 0 (padding writes there)
+        a = pool.kv[0]
+        self.data = np.zeros((len(pool.kv), self.num_pages) + tuple(a.shape[1:]), a.dtype)  # [L, Ph, S, 2*KH, D]
+        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)  # a stack
+        self._num_free = self.num_pages - 1
+        self.stats = HostStats()
+        self._save = jax.jit(_gather)
+        # the pool keeps its layout (sharded under TP): the compiled steps take exactly these shardings
+        self._load = jax.jit(_scatter, donate_argnums=(0,), out_shardings=tuple(a.sharding for a in pool.kv))
+        self.buckets = [b for b in (1 << i for i in range(MAX_BUCKET.bit_length())) if b <= MAX_BUCKET]
+        logger.info("KV host pool: %d pages x %d tokens (%.1f MiB)", self.capacity, self.page_size,
+                    self.data.nbytes / 2**20)
+
+    @property
+    def capacity(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    def alloc(self, n: int) -> np.ndarray | None:
+        if n > self._num_free:
+            return None
+        self._num_free -= n
+        return self._free[self._num_free:self._num_free + n][::-1].copy()
+
+    def free(self, pages: np.ndarray) -> None:
+        n = len(pages)
+        if n == 0:
+            return
+        if self._num_free + n > self.capacity:
+            raise RuntimeError("host page double free")
+        self._free[self._num_free:self._num_free + n] = pages
+        self._num_free += n
+
+    def free_pages_set(self) -> set[int]:
+        return set(self._free[: self._num_free].tolist())
+
+    def reset(self) -> None:
+        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
+        self._num_free = self.num_pages - 1
+
+    # -- copies ---------------------------------------------------------------------------------
+    def _chunks(self, n: int) -> list[tuple[int, int, int]]:  # (start, length, bucket)
+        out, start = [], 0
+        while start < n:
+            k = min(n - start, MAX_BUCKET)
+            out.append((start, k, next(b for b in self.buckets if b >= k)))
+            start += k
+        return out
+
+    def save(self, device_pages: np.ndarray, host_pages: np.ndarray) -> None:
+        """Copy device pages to host pages (blocks until the device has computed them)."""
+        t = time.perf_counter()
+        for start, k, b in self._chunks(len(device_pages)):
+            idx = np.zeros(b, np.int32)
+            idx[:k] = device_pages[start:start + k]
+            out = np.asarray(self._save(self.pool.kv, idx))  # [L, b, S, 2*KH, D]
+            self.data[:, host_pages[start:start + k]] = out[:, :k]
+        self.stats.saved_pages += len(device_pages)
+        self.stats.save_seconds += time.perf_counter() - t
+
+    def load(self, host_pages: np.ndarray, device_pages: np.ndarray) -> None:
+        """Copy host pages into device pages: dispatched, not waited for; the device runs it before
+        any later step, which takes the updated pool."""
+        t = time.perf_counter()
+        for start, k, b in self._chunks(len(host_pages)):
+            idx = np.zeros(b, np.int32)
+            idx[:k] = device_pages[start:start + k]
+            src = np.zeros(b, np.int32)
+            src[:k] = host_pages[start:start + k]
+            self.pool.kv = self._load(self.pool.kv, idx, self.data[:, src])
+        self.stats.loaded_pages += len(host_pages)
+        self.stats.load_seconds += time.perf_counter() - t
+
+    def precompile(self) -> None:
+        """Compile the copies of every bucket (a load of page 0 onto itself changes nothing kept)."""
+        for b in self.buckets:
+            idx = np.zeros(b, np.int32)
+            np.asarray(self._save(self.pool.kv, idx))
+            self.pool.kv = self._load(self.pool.kv, idx, self.data[:, idx])
