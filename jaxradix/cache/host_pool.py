@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxradix.cache.page_allocator import PageAllocator
 from jaxradix.cache.page_pool import PagePool
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,13 @@ def _scatter(kv: tuple[jax.Array, ...], pages: jax.Array, data: jax.Array) -> tu
     return tuple(a.at[pages].set(data[i].astype(a.dtype)) for i, a in enumerate(kv))
 
 
-class HostPool:
+class HostPool(PageAllocator):
     def __init__(self, pool: PagePool, num_pages: int):
         self.pool = pool
         self.page_size = pool.page_size
-        self.num_pages = num_pages + 1  # + the reserved page 0 (padding writes there)
+        super().__init__(num_pages + 1, "host page")  # + the reserved page 0 (padding writes there)
         a = pool.kv[0]
         self.data = np.zeros((len(pool.kv), self.num_pages) + tuple(a.shape[1:]), a.dtype)  # [L, Ph, S, 2*KH, D]
-        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)  # a stack
-        self._num_free = self.num_pages - 1
         self.stats = HostStats()
         self._save = jax.jit(_gather)
         # the pool keeps its layout (sharded under TP): the compiled steps take exactly these shardings
@@ -67,37 +66,6 @@ class HostPool:
         logger.info("KV host pool: %d pages x %d tokens (%.1f MiB)", self.capacity, self.page_size,
                     self.data.nbytes / 2**20)
 
-    @property
-    def capacity(self) -> int:
-        return self.num_pages - 1
-
-    @property
-    def num_free(self) -> int:
-        return self._num_free
-
-    def alloc(self, n: int) -> np.ndarray | None:
-        if n > self._num_free:
-            return None
-        self._num_free -= n
-        return self._free[self._num_free:self._num_free + n][::-1].copy()
-
-    def free(self, pages: np.ndarray) -> None:
-        n = len(pages)
-        if n == 0:
-            return
-        if self._num_free + n > self.capacity:
-            raise RuntimeError("host page double free")
-        self._free[self._num_free:self._num_free + n] = pages
-        self._num_free += n
-
-    def free_pages_set(self) -> set[int]:
-        return set(self._free[: self._num_free].tolist())
-
-    def reset(self) -> None:
-        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
-        self._num_free = self.num_pages - 1
-
-    # -- copies ---------------------------------------------------------------------------------
     def _chunks(self, n: int) -> list[tuple[int, int, int]]:  # (start, length, bucket)
         out, start = [], 0
         while start < n:

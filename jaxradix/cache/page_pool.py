@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxradix.cache.page_allocator import PageAllocator
 from jaxradix.models.model_config import ModelConfig
 from jaxradix.parallel.tensor_parallel import TensorParallel
 
@@ -78,11 +79,13 @@ def pool_tokens(cfg: ModelConfig, dtype: jnp.dtype, max_total_tokens: int | None
     return int(budget // per_token)
 
 
-class PagePool:
+class PagePool(PageAllocator):
+    """The device KV arrays and, through PageAllocator, the free list of their pages."""
+
     def __init__(self, cfg: ModelConfig, num_tokens: int, page_size: int, dtype: jnp.dtype,
                  tp: TensorParallel | None = None):
         self.page_size = page_size
-        self.num_pages = num_tokens // page_size + 1  # + the reserved page 0
+        super().__init__(num_tokens // page_size + 1)  # + the reserved page 0
         if self.num_pages < 2:
             raise ValueError(f"max_total_tokens={num_tokens} holds no page of {page_size} tokens")
         shape = (self.num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
@@ -91,42 +94,9 @@ class PagePool:
         self.kv: tuple[jax.Array, ...] = (
             tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) if tp is None
             else tp.kv_pool(self.num_pages, page_size, cfg.num_layers, dtype))
-        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)  # a stack; pops low pages first
-        self._num_free = self.num_pages - 1
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB over %d device(s))", self.num_pages - 1, page_size,
                     sum(a.nbytes for a in self.kv) / 2**20, 1 if tp is None else tp.tp)
-
-    @property
-    def capacity(self) -> int:
-        """Usable pages (page 0 excluded)."""
-        return self.num_pages - 1
-
-    @property
-    def num_free(self) -> int:
-        return self._num_free
-
-    def alloc(self, n: int) -> np.ndarray | None:
-        """n pages, or None when fewer are free (the caller evicts or retracts and retries)."""
-        if n > self._num_free:
-            return None
-        self._num_free -= n
-        return self._free[self._num_free:self._num_free + n][::-1].copy()
-
-    def free(self, pages: np.ndarray) -> None:
-        n = len(pages)
-        if n == 0:
-            return
-        assert self._num_free + n <= self.capacity, "page double free"
-        self._free[self._num_free:self._num_free + n] = pages
-        self._num_free += n
 
     def free_slots(self, slots: np.ndarray) -> None:
         """Free the pages of token slots handed back by the radix tree (always whole pages)."""
         self.free(np.asarray(slots[:: self.page_size] // self.page_size, np.int32))
-
-    def free_pages_set(self) -> set[int]:
-        return set(self._free[: self._num_free].tolist())
-
-    def reset(self) -> None:
-        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
-        self._num_free = self.num_pages - 1
