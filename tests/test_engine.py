@@ -1,4 +1,4 @@
-"""The engine on the embedded SmolLM2-135M-Instruct (CPU, reference attention)."""
+"""The engine on the embedded SmolLM2-135M-Instruct (CPU, `auto` attention: the gathered path)."""
 
 import asyncio
 
