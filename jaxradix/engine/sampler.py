@@ -103,9 +103,10 @@ def unpack_mask(packed: jax.Array, vocab: int) -> jax.Array:  # [B, W] uint32 ->
 
 
 def search_ways() -> int:
-    """Thresholds tested per pass of the cut search (ceil(32 / log2(ways)) passes over [B, V]): fewer
-    compares on a CPU, fewer sweeps of memory on an accelerator (scripts/bench_sampler.py measures both)."""
-    return 4 if jax.default_backend() == "cpu" else 16
+    """Thresholds tested per pass of the cut search (ceil(32 / log2(ways)) passes over [B, V]).
+    scripts/bench_sampler.py at B = 64, V = 128256: 4 ways is the fastest on CPU and on an H200 too
+    (0.94 ms vs 1.07 ms at 16 ways and 1.36 ms for the full sort); TPU is unmeasured."""
+    return 4
 
 
 def _sortable(x: jax.Array) -> jax.Array:  # f32 -> uint32 with the same order (no NaNs)
