@@ -1,3 +1,4 @@
+import gc
 import os
 import socket
 import sys
@@ -41,6 +42,19 @@ def _shutdown_engines():
     yield
     for e in _engines.values():
         e.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_module_engines():
+    """After each module, shut down and drop every shared engine but the default one: each engine holds
+    its own weights, KV pool and compiled steps, and keeping all of them alive took one process past
+    20 GB (the CI machine has 24). A later module asking for the same configuration builds it again
+    from the persistent compilation cache."""
+    yield
+    default = tuple(sorted(SMALL.items()))
+    for key in [k for k in _engines if k != default]:
+        _engines.pop(key).shutdown()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)

@@ -53,10 +53,10 @@ def pool_tokens(cfg: ModelConfig, dtype: jnp.dtype, max_total_tokens: int | None
     each device holds its own KV heads' share. A pool that cannot fit is a MemoryError naming the flag
     to change, before anything is allocated."""
     per_token = kv_bytes_per_token(cfg, dtype, None if tp is None else tp.layout.local_kv_heads)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        where = f"{jax.devices()[0].device_kind} memory"
+        where = f"{jax.local_devices()[0].device_kind} memory"
     else:
         free = available_ram()
         where = "free RAM"
