@@ -87,7 +87,7 @@ def test_retraction_takes_the_last_admitted_and_requeues_it_first():
     for r in rs:
         s.add(r)
     step(s)
-    assert len(s.running) == 3 and s.pool.num_free == 0
+    assert len(s.running) == 3 and s.kv.pool.num_free == 0
     res = step(s)  # each decode needs position 7 (still page 2) -> fits
     assert not res.retracted
     res = step(s)  # position 8 needs a third page each: the pool is full -> retract
