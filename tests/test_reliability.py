@@ -118,7 +118,7 @@ def test_engine_refuses_a_running_rid(engine):
 
 
 # == 2. CPU work off the event loop =================================================================
-SLOW_TEMPLATE = ("{% for i in range(400) %}{% for j in range(400) %}{% for k in range(80) %}{% endfor %}"
+SLOW_TEMPLATE = ("{% for i in range(400) %}{% for j in range(400) %}{% for k in range(400) %}{% endfor %}"
                  "{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
 
 
