@@ -25,7 +25,9 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def engine():
-    return get_engine()
+    e = get_engine()
+    yield e
+    e.fault, e.fault_time = None, 0.0  # the shared engine: later modules' /health must not see an injected fault
 
 
 @pytest.fixture(scope="module")
