@@ -17,6 +17,7 @@ from typing import Any
 
 from jaxradix.server.errors import APIError, from_value_error
 from jaxradix.server.metrics import Metrics
+from jaxradix.server.streaming import MergedStreams
 
 DISCONNECT_POLL_S = 0.5
 
@@ -169,7 +170,7 @@ class StreamGroup:
         self.prompt_lens = prompt_lens or [0] * len(iters)
         self.done = [False] * len(iters)
         self.last: list[dict | None] = [None] * len(iters)  # the latest output of each choice
-        self._tasks: list[asyncio.Task] = []
+        self._merged = MergedStreams(iters)
         self._closed = False
 
     def __len__(self) -> int:
@@ -179,7 +180,7 @@ class StreamGroup:
         metrics = self.client.metrics
         last = [time.perf_counter()] * len(self.iters)
         seen = [0] * len(self.iters)
-        async for i, out in self._merged():
+        async for i, out in self._merged.events():
             now = time.perf_counter()
             n = len(out["output_ids"])
             if metrics is not None and n > seen[i] and seen[i] > 0:
@@ -191,33 +192,6 @@ class StreamGroup:
                 self.done[i] = True
                 self.client._finished(out, streamed=True)
             yield i, out
-
-    async def _merged(self) -> AsyncIterator[tuple[int, dict]]:
-        if len(self.iters) == 1:
-            async for out in self.iters[0]:
-                yield 0, out
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, it: AsyncIterator[dict]) -> None:
-            try:
-                async for out in it:
-                    queue.put_nowait((i, out))
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                queue.put_nowait((i, e))
-            finally:
-                queue.put_nowait((i, None))
-
-        self._tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(self.iters)]
-        left = len(self.iters)
-        while left:
-            i, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
 
     def _aborted_output(self, i: int) -> dict:
         """What a choice cut short by the client counts as: its tokens so far, finish reason abort."""
@@ -236,12 +210,5 @@ class StreamGroup:
             if not self.done[i]:
                 self.client.engine.abort(r)
                 self.client._finished(self._aborted_output(i), streamed=True)
-        for t in self._tasks:
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        else:
-            for it in self.iters:
-                with contextlib.suppress(Exception):
-                    await it.aclose()  # type: ignore[attr-defined]
+        await self._merged.close()
         self.client._unregister(self.rids)

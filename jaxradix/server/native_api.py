@@ -30,7 +30,7 @@ from jaxradix.server.metrics import engine_load
 from jaxradix.server.protocol import AbortRequest, GenerateRequest
 from jaxradix.server.sglang_params import NativeSampling, parse_native
 from jaxradix.server.state import ServerState, TokenTexts
-from jaxradix.server.streaming import DONE, EngineStreamingResponse, sse
+from jaxradix.server.streaming import DONE, EngineStreamingResponse, MergedStreams, sse
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 
@@ -191,11 +191,11 @@ async def _generate_watched(client: EngineClient, request: Request, stream: bool
         results = [native_output(o, text, lp.return_logprob) for o in outs]  # type: ignore[arg-type]
         return JSONResponse(results[0] if single and len(results) == 1 else results)
     interval = max(ns.stream_interval for ns in nss)
-    merged = _merge(streams)
+    merged = MergedStreams(streams)
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for i, out in merged:
+            async for i, out in merged.events():
                 if not _due(out, interval):
                     continue
                 res = native_output(out, text, lp.return_logprob)
@@ -206,7 +206,7 @@ async def _generate_watched(client: EngineClient, request: Request, stream: bool
             yield sse(e.body())
         yield DONE
 
-    return EngineStreamingResponse(events(), merged.aclose)
+    return EngineStreamingResponse(events(), merged.close)
 
 
 # == server-side sampling: min_new_tokens, stop_regex, no_stop_trim ==============================
@@ -290,38 +290,6 @@ async def _last(events: AsyncIterator[dict]) -> dict:
     async for last in events:  # noqa: B007
         pass
     return last
-
-
-async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, it: AsyncIterator[dict]) -> None:
-        try:
-            async for out in it:
-                queue.put_nowait((i, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            i, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for it in streams:
-            with contextlib.suppress(Exception):
-                await it.aclose()  # type: ignore[attr-defined]
 
 
 def native_router(state: ServerState) -> APIRouter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,6 +21,52 @@ def dumps(obj: Any) -> str:
 
 def sse(obj: Any) -> bytes:
     return f"data: {dumps(obj)}\n\n".encode()
+
+
+class MergedStreams:
+    """Several output streams as one: (stream index, output) events in arrival order.
+
+    A stream's exception is raised to the consumer. close() may run in any task, also while another
+    task is suspended in events(): it cancels the pumps (whose ends wake the consumer) before closing
+    the streams, so no stream is closed while it is being iterated."""
+
+    def __init__(self, streams: list[AsyncIterator[dict]]) -> None:
+        self.streams = streams
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+
+    async def _pump(self, i: int, it: AsyncIterator[dict]) -> None:
+        try:
+            async for out in it:
+                self._queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            self._queue.put_nowait((i, e))
+        finally:
+            self._queue.put_nowait((i, None))
+
+    async def events(self) -> AsyncIterator[tuple[int, dict]]:
+        if len(self.streams) == 1:  # no pump task for the common case
+            async for out in self.streams[0]:
+                yield 0, out
+            return
+        self._tasks = [asyncio.create_task(self._pump(i, it)) for i, it in enumerate(self.streams)]
+        left = len(self.streams)
+        while left:
+            i, item = await self._queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for it in self.streams:
+            with contextlib.suppress(Exception):  # a stream another task still iterates refuses: it ends with it
+                await it.aclose()  # type: ignore[attr-defined]
 
 
 class EngineStreamingResponse(StreamingResponse):
