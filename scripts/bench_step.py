@@ -87,28 +87,35 @@ def step_bytes(engine: Engine, batch: int, context: int) -> int:
     return weights + kv
 
 
-def decode_input(engine: Engine, batch: int, context: int) -> StepInput:
+def decode_input(engine: Engine, batch: int, context: int) -> tuple[Bucket, StepInput]:
     """A decode step of `batch` rows, each at position context - 1 of its own pages (pages 1.. of
-    the pool, free while the engine is idle: their contents are garbage, never read back)."""
+    the pool, free while the engine is idle: their contents are garbage, never read back), padded to
+    the bucket the engine picks for it (on a GPU at least 8 rows: engine.decode_min_rows)."""
     runner, S = engine.runner, engine.pool.page_size
     pages_per_row = -(-context // S)
     if 1 + batch * pages_per_row > engine.pool.num_pages:
         raise ValueError(f"decode timing at B={batch}, context {context} needs {batch * pages_per_row} pages; "
                          f"the pool has {engine.pool.capacity} (raise --max-total-tokens)")
-    example = runner._example(Bucket(batch, batch))
-    page_table = np.zeros((batch, runner.max_pages), np.int32)
-    page_table[:, :pages_per_row] = 1 + np.arange(batch * pages_per_row, dtype=np.int32).reshape(batch, -1)
-    pos = np.full(batch, context - 1, np.int32)
+    bucket = engine.buckets.pick(batch, batch)
+    B = bucket.rows
+    example = runner._example(bucket)
+    page_table = np.zeros((B, runner.max_pages), np.int32)
+    page_table[:batch, :pages_per_row] = 1 + np.arange(batch * pages_per_row, dtype=np.int32).reshape(batch, -1)
+    pos = np.zeros(B, np.int32)
+    pos[:batch] = context - 1
+    kv_lens = np.zeros(B, np.int32)
+    kv_lens[:batch] = context
+    slots = np.zeros(B, np.int32)  # padding tokens write page 0
+    slots[:batch] = page_table[:batch, (context - 1) // S] * S + (context - 1) % S
     rng = np.random.default_rng(0)
-    return dataclasses.replace(
+    return bucket, dataclasses.replace(
         example,
-        input_ids=rng.integers(0, engine.model_config.vocab_size, batch).astype(np.int32),
+        input_ids=rng.integers(0, engine.model_config.vocab_size, B).astype(np.int32),
         positions=pos,
-        slot_mapping=page_table[:, (context - 1) // S] * S + (context - 1) % S,
-        attn=AttentionMetadata(cu_q_lens=np.arange(batch + 1, dtype=np.int32),
-                               kv_lens=np.full(batch, context, np.int32), page_table=page_table,
-                               num_seqs=np.array([batch], np.int32)),
-        logits_indices=np.arange(batch, dtype=np.int32),
+        slot_mapping=slots,
+        attn=AttentionMetadata(cu_q_lens=np.minimum(np.arange(B + 1, dtype=np.int32), batch), kv_lens=kv_lens,
+                               page_table=page_table, num_seqs=np.array([batch], np.int32)),
+        logits_indices=np.minimum(np.arange(B, dtype=np.int32), batch - 1),
     )
 
 
@@ -116,8 +123,9 @@ def device_step_seconds(engine: Engine, batch: int, context: int, iters: int = 2
     """Median over 3 loops of `iters` back-to-back compiled decode steps (no host work between)."""
     engine.wait_idle(timeout=600)
     runner = engine.runner
-    fn = runner._get(Bucket(batch, batch), False, serving=False)
-    inp = jax.device_put(decode_input(engine, batch, context))
+    bucket, inp = decode_input(engine, batch, context)
+    fn = runner._get(bucket, False, serving=False)
+    inp = jax.device_put(inp)
     out = None
 
     def run(n: int) -> None:

@@ -1,6 +1,7 @@
 """The engine on the embedded SmolLM2-135M-Instruct (CPU, `auto` attention: the gathered path)."""
 
 import asyncio
+import dataclasses
 
 import jax
 import numpy as np
@@ -32,6 +33,19 @@ def test_capital_of_france_is_paris(engine):
     assert meta["prompt_tokens"] == len(engine.encode("The capital of France is"))
     assert meta["finish_reason"]["type"] in ("length", "stop")
     assert meta["e2e_latency"] > 0
+
+
+def test_steps_without_grammars_upload_no_mask(engine):
+    """The all-ones grammar mask of an unconstrained step is a device array the runner keeps."""
+    from jaxradix.engine.batch import Bucket
+
+    runner = engine.runner
+    inp = runner._example(Bucket(4, 4))
+    first = runner._resident(inp).sampling.grammar_mask
+    assert isinstance(first, jax.Array) and runner._resident(inp).sampling.grammar_mask is first
+    own = dataclasses.replace(inp, sampling=dataclasses.replace(inp.sampling,
+                                                                 grammar_mask=inp.sampling.grammar_mask.copy()))
+    assert runner._resident(own) is own  # a mask of the step's own (a grammar's) is sent as it is
 
 
 def _greedy(engine, prompts, params=GREEDY):

@@ -8,7 +8,8 @@ import pytest
 
 from jaxradix.cache.page_pool import PagePool
 from jaxradix.cache.radix_cache import RadixCache
-from jaxradix.engine.batch import Bucket, Row, build_step
+from jaxradix.engine.batch import Bucket, Buckets, Row, build_step, free_grammar_mask
+from jaxradix.engine.engine import decode_min_rows
 from jaxradix.engine.request import LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
 from jaxradix.models.model_config import ModelConfig
@@ -184,3 +185,18 @@ def test_build_step_matches_a_hand_built_batch():
     inp = build_step(rows, Bucket(8, 4), S, max_pages=3, mask_words=2, grammar_masks=masks)
     np.testing.assert_array_equal(inp.sampling.grammar_mask[:2], masks)
     assert (inp.sampling.grammar_mask[2:] == 0xFFFFFFFF).all()
+    free = build_step(rows, Bucket(8, 4), S, max_pages=3, mask_words=2).sampling.grammar_mask
+    assert free is free_grammar_mask(4, 2) and not free.flags.writeable  # shared: the runner keeps it on device
+    assert inp.sampling.grammar_mask is not free and (free == 0xFFFFFFFF).all()
+
+
+def test_decode_buckets_start_at_min_rows(monkeypatch):
+    b = Buckets(64, 600, min_rows=8)
+    assert b.batch_sizes == [8, 16, 32, 64]
+    assert b.pick(1, 1) == Bucket(8, 8) and b.pick(9, 9) == Bucket(16, 16)
+    assert Buckets(4, 16, min_rows=8).batch_sizes == [4]  # never above max_rows
+    assert Buckets(64, 600).batch_sizes[0] == 1
+    monkeypatch.setenv("JAXRADIX_MIN_DECODE_ROWS", "4")
+    assert decode_min_rows() == 4
+    monkeypatch.delenv("JAXRADIX_MIN_DECODE_ROWS")
+    assert decode_min_rows() == 1  # CPU

@@ -45,10 +45,11 @@ def _pow2_sizes(lo: int, hi: int) -> list[int]:
 
 
 class Buckets:
-    """The static shapes the step is compiled for."""
+    """The static shapes the step is compiled for. min_rows: the smallest decode bucket (a GPU runs an
+    8-row decode step faster than a 1-row one, see engine.decode_min_rows)."""
 
-    def __init__(self, max_rows: int, max_tokens: int, min_tokens: int = 32):
-        self.batch_sizes = _pow2_sizes(1, max_rows)
+    def __init__(self, max_rows: int, max_tokens: int, min_tokens: int = 32, min_rows: int = 1):
+        self.batch_sizes = _pow2_sizes(min(min_rows, max_rows), max_rows)
         self.max_rows = max_rows
         self.token_sizes = _pow2_sizes(min(min_tokens, max_tokens), max(max_tokens, max_rows))
 
@@ -72,6 +73,21 @@ class Row:
     samples: bool  # the step reaches the end of the sequence, so row's sampled token is kept
     prompt_logprobs: bool = False
     new: bool = False  # admitted this step
+
+
+_FREE_MASKS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def free_grammar_mask(rows: int, words: int) -> np.ndarray:
+    """The all-ones grammar mask [rows, words] uint32 of a step without grammars: one shared read-only
+    array per shape, which the runner recognises and replaces by its device-resident copy, so a step
+    without grammars uploads no mask (B x V/32 words: 2 MiB at B=128 and a 128k vocabulary)."""
+    mask = _FREE_MASKS.get((rows, words))
+    if mask is None:
+        mask = np.full((rows, words), 0xFFFFFFFF, np.uint32)
+        mask.flags.writeable = False
+        _FREE_MASKS[(rows, words)] = mask
+    return mask
 
 
 def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
@@ -99,7 +115,10 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
     slot = np.zeros(B, np.int32)
     keep = np.zeros(B, bool)
     use_state = np.zeros(B, bool)
-    mask = np.full((B, mask_words), 0xFFFFFFFF, np.uint32)
+    mask = free_grammar_mask(B, mask_words)
+    if grammar_masks is not None:
+        mask = mask.copy()
+        mask[:len(rows)] = grammar_masks[:len(rows)]
     needs_filter = False
     needs_state = False
     needs_top = False
@@ -137,8 +156,6 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
         needs_filter |= temperature[b] > 0 and (top_k[b] > 0 or top_p[b] < 1 or min_p[b] > 0)
         needs_top |= r.logprobs.top_logprobs_num > 0
         needs_state |= bool(use_state[b])
-        if grammar_masks is not None:
-            mask[b] = grammar_masks[b]
     cu[len(rows) + 1:] = t
     return StepInput(
         input_ids=input_ids, input_from_slot=from_slot, positions=positions, slot_mapping=slot_mapping,

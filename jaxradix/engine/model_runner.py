@@ -7,6 +7,7 @@ shape outside the compiled set raises instead of compiling while serving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxradix.cache.page_pool import PagePool
-from jaxradix.engine.batch import Bucket, Buckets, StepInput
+from jaxradix.engine.batch import Bucket, Buckets, StepInput, free_grammar_mask
 from jaxradix.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from jaxradix.engine.sampler import SampleOutput, SamplerState, init_slot, resolve_input_ids, sample
 from jaxradix.models.llama import LlamaForCausalLM
@@ -94,6 +95,7 @@ class ModelRunner:
             self.state = tp.replicate(self.state)
         self._compiled: dict[tuple[Bucket, bool], Any] = {}
         self._init_slot = None
+        self._free_masks: dict[tuple[int, ...], jax.Array] = {}
         self.num_compiles = 0
 
     # -- the traced functions -------------------------------------------------------------------
@@ -193,9 +195,19 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send(Command(CMD_STEP, bucket.tokens, bucket.rows, prompt_logprobs), inp)
         fn = self._get(bucket, prompt_logprobs)
-        kv, self.state, out, extra = fn(self.params, self.pool.kv, self.state, inp)
+        kv, self.state, out, extra = fn(self.params, self.pool.kv, self.state, self._resident(inp))
         self.pool.kv = kv
         return LaunchedStep(out, extra)
+
+    def _resident(self, inp: StepInput) -> StepInput:
+        """inp with its all-ones grammar mask (batch.free_grammar_mask) replaced by a device copy kept here."""
+        mask = inp.sampling.grammar_mask
+        if not isinstance(mask, np.ndarray) or mask is not free_grammar_mask(*mask.shape):
+            return inp
+        dev = self._free_masks.get(mask.shape)
+        if dev is None:
+            dev = self._free_masks[mask.shape] = self._put(mask)
+        return dataclasses.replace(inp, sampling=dataclasses.replace(inp.sampling, grammar_mask=dev))
 
     def step(self, inp: StepInput, bucket: Bucket, prompt_logprobs: bool = False) -> StepResult:
         """Launch a step and wait for its outputs."""
