@@ -112,6 +112,13 @@ def test_reasoning_split_and_stream():
     assert split(REASONING["deepseek-r1"], "Hmm.</think>Four.").reasoning == "Hmm."
     assert split(REASONING["qwen3"], "Just an answer.").content == "Just an answer."
     assert split(REASONING["deepseek-r1"], "still thinking").content == ""
+    # qwen3 without an opening tag streams answer text; a late </think> neither repeats it as reasoning
+    # nor loses what follows the tag
+    late = "Two and two make four</think>Four."
+    rs = ReasoningStream(REASONING["qwen3"])
+    parts = [rs.update(late[:i], i == len(late)) for i in range(1, len(late) + 1)]
+    assert "".join(p.reasoning for p in parts) == ""
+    assert "".join(p.content for p in parts) == "Two and two make fourFour."
 
 
 # == through the server ============================================================================

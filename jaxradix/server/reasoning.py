@@ -63,6 +63,10 @@ class ReasoningStream:
 
     def update(self, text: str, final: bool) -> Split:
         now = split(self.fmt, text, final)
+        if self.sent.content and not self.sent.reasoning and now.reasoning:
+            # a </think> after answer text went out (qwen3 without an opening tag): the text before the
+            # tag was (or would have been) answer already, so the tag is dropped and the answer goes on
+            now = Split("", now.reasoning + now.content)
         # what went out stays out: a late </think> cannot take back text already sent as answer
         now = Split(now.reasoning if now.reasoning.startswith(self.sent.reasoning) else self.sent.reasoning,
                     now.content if now.content.startswith(self.sent.content) else self.sent.content)
