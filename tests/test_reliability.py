@@ -201,6 +201,17 @@ def test_stream_disconnect_is_counted_as_abort(http, base_url):
     assert metric(after, "jaxradix:prompt_tokens_total") > metric(before, "jaxradix:prompt_tokens_total")
 
 
+def test_line_separator_characters_do_not_split_stream_events(base_url):
+    """Found by the 60-minute soak: a token text with U+2028/U+2029/U+0085 (raw in JSON strings) split an
+    SSE event for clients that split lines like str.splitlines (httpx's iter_lines)."""
+    prompt = "Lines\u2028with\u2029odd\x85breaks:"
+    with httpx.stream("POST", f"{base_url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 2, "echo": True, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events).startswith(prompt)
+
+
 # == 6. validation ================================================================================
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 

@@ -15,8 +15,14 @@ from starlette.types import Receive, Scope, Send
 DONE = b"data: [DONE]\n\n"
 
 
+# Characters that JSON leaves raw in strings but str.splitlines() breaks lines at (httpx's iter_lines
+# does): a model's text with one would split an SSE event in two for such clients. Escaped, the JSON
+# decodes to the same text. (Control characters below U+0020 are escaped by json.dumps already.)
+_LINE_BREAKERS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKERS)
 
 
 def sse(obj: Any) -> bytes:
