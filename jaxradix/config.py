@@ -10,7 +10,8 @@ from typing import Any
 SCHEDULE_POLICIES = ("lpm", "fcfs", "dfs-weight")
 ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")  # = pallas_kernels.ATTENTION_BACKENDS
 GRAMMAR_BACKENDS = ("llguidance", "none")
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+# the quantized ones store values + per-token-head scales (pallas_kernels/quantized_kv.py)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
 def default_cache_dir() -> str:
@@ -23,11 +24,13 @@ class EngineConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
     load_format: str = "auto"
     dtype: str = "auto"  # auto: the checkpoint's dtype; f32 checkpoints and GGUF serve in bf16 on GPU/TPU
-    kv_cache_dtype: str = "auto"  # auto: the weights' dtype
+    kv_cache_dtype: str = "auto"  # auto: the weights' dtype; fp8_e4m3|fp8_e5m2|int8: quantized pages
     context_length: int | None = None  # None: the model's max_position_embeddings (capped by the pool)
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; None: mem_fraction_static of free memory
-    mem_fraction_static: float = 0.85
+    # a cap on weights + KV pool as a share of device memory; None: all that is free after the weights and
+    # the largest step's measured activations (devices with memory stats; CPU sizes the pool from free RAM)
+    mem_fraction_static: float | None = None
     max_running_requests: int = 64
     chunked_prefill_size: int = 512  # max prefill tokens in one step; -1 disables chunking
     schedule_policy: str = "lpm"
@@ -58,7 +61,8 @@ class EngineConfig:
 
         check(self.page_size in (1, 2, 4, 8, 16, 32, 64, 128), "page_size", "must be a power of two <= 128")
         check(self.max_total_tokens is None or self.max_total_tokens > 0, "max_total_tokens", "must be > 0")
-        check(0 < self.mem_fraction_static < 1, "mem_fraction_static", "must be in (0, 1)")
+        check(self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1, "mem_fraction_static",
+              "must be in (0, 1)")
         check(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
         check(self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 16,
               "chunked_prefill_size", "must be >= 16 or -1")

@@ -1,7 +1,8 @@
 """The host tier of the KV cache: pages in host memory (numpy), and the jitted page copies to and
 from the device pool.
 
-A host page holds one device page of every layer: `data[L, Ph, S, 2*KH, D]`. Copies move whole
+A host page holds one device page of every layer: `data[L, Ph, S, 2*KH, D]` (a quantized pool: a
+`QuantizedKV` of `[L, Ph, S, 2*KH, D]` values and `[L, Ph, S, 2*KH]` scales, copied as stored). Copies move whole
 pages, padded to a fixed page-count bucket (powers of two up to MAX_BUCKET; longer copies go in
 several calls) so nothing compiles while serving once `precompile` ran. Padding entries read and
 write the reserved device page 0 and the reserved host page 0.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,9 @@ import numpy as np
 
 from jaxradix.cache.page_allocator import PageAllocator
 from jaxradix.cache.page_pool import PagePool
+from jaxradix.pallas_kernels.quantized_kv import QuantizedKV
+
+Layer = jax.Array | QuantizedKV  # one layer's device pool [P, S, 2*KH, D]
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +41,20 @@ class HostStats:
 def host_pages_for(pool: PagePool, size_gb: float, ratio: float) -> int:
     """Host pool size in pages: size_gb GB when > 0, else ratio x the device pool."""
     if size_gb > 0:
-        page_bytes = sum(a.nbytes for a in pool.kv) // pool.num_pages
+        page_bytes = pool.nbytes // pool.num_pages
         return max(int(size_gb * 1e9 // page_bytes), 1)
     return max(int(pool.capacity * ratio), 1)
 
 
-def _gather(kv: tuple[jax.Array, ...], pages: jax.Array) -> jax.Array:
-    """kv: L x [P, S, 2*KH, D]; pages: [B] -> [L, B, S, 2*KH, D]."""
-    return jnp.stack([a[pages] for a in kv])
+def _gather(kv: tuple[Layer, ...], pages: jax.Array) -> Layer:
+    """kv: L x [P, S, 2*KH, D]; pages: [B] -> [L, B, S, 2*KH, D] (leaf by leaf when quantized)."""
+    return jax.tree.map(lambda *layers: jnp.stack([a[pages] for a in layers]), *kv)
 
 
-def _scatter(kv: tuple[jax.Array, ...], pages: jax.Array, data: jax.Array) -> tuple[jax.Array, ...]:
+def _scatter(kv: tuple[Layer, ...], pages: jax.Array, data: Layer) -> tuple[Layer, ...]:
     """Write data [L, B, S, 2*KH, D] into pages [B] of every layer."""
-    return tuple(a.at[pages].set(data[i].astype(a.dtype)) for i, a in enumerate(kv))
+    return tuple(jax.tree.map(lambda a, d, i=i: a.at[pages].set(d[i].astype(a.dtype)), layer, data)
+                 for i, layer in enumerate(kv))
 
 
 class HostPool(PageAllocator):
@@ -56,15 +62,24 @@ class HostPool(PageAllocator):
         self.pool = pool
         self.page_size = pool.page_size
         super().__init__(num_pages + 1, "host page")  # + the reserved page 0 (padding writes there)
-        a = pool.kv[0]
-        self.data = np.zeros((len(pool.kv), self.num_pages) + tuple(a.shape[1:]), a.dtype)  # [L, Ph, S, 2*KH, D]
+        L = len(pool.kv)
+        # [L, Ph, S, 2*KH, D], or a QuantizedKV of host arrays for a quantized pool
+        self.data: Any = jax.tree.map(lambda a: np.zeros((L, self.num_pages) + tuple(a.shape[1:]), a.dtype), pool.kv[0])
         self.stats = HostStats()
         self._save = jax.jit(_gather)
         # the pool keeps its layout (sharded under TP): the compiled steps take exactly these shardings
-        self._load = jax.jit(_scatter, donate_argnums=(0,), out_shardings=tuple(a.sharding for a in pool.kv))
+        self._load = jax.jit(_scatter, donate_argnums=(0,), out_shardings=jax.tree.map(lambda a: a.sharding, pool.kv))
         self.buckets = [b for b in (1 << i for i in range(MAX_BUCKET.bit_length())) if b <= MAX_BUCKET]
         logger.info("KV host pool: %d pages x %d tokens (%.1f MiB)", self.capacity, self.page_size,
-                    self.data.nbytes / 2**20)
+                    self.nbytes / 2**20)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in jax.tree.leaves(self.data))
+
+    def _rows(self, pages: np.ndarray) -> Any:
+        """Host pages [n] of every layer: [L, n, S, 2*KH, D] (leaf by leaf)."""
+        return jax.tree.map(lambda a: a[:, pages], self.data)
 
     def _chunks(self, n: int) -> list[tuple[int, int, int]]:  # (start, length, bucket)
         out, start = [], 0
@@ -80,8 +95,9 @@ class HostPool(PageAllocator):
         for start, k, b in self._chunks(len(device_pages)):
             idx = np.zeros(b, np.int32)
             idx[:k] = device_pages[start:start + k]
-            out = np.asarray(self._save(self.pool.kv, idx))  # [L, b, S, 2*KH, D]
-            self.data[:, host_pages[start:start + k]] = out[:, :k]
+            out = jax.device_get(self._save(self.pool.kv, idx))  # [L, b, S, 2*KH, D]
+            for host, got in zip(jax.tree.leaves(self.data), jax.tree.leaves(out), strict=True):
+                host[:, host_pages[start:start + k]] = got[:, :k]
         self.stats.saved_pages += len(device_pages)
         self.stats.save_seconds += time.perf_counter() - t
 
@@ -94,7 +110,7 @@ class HostPool(PageAllocator):
             idx[:k] = device_pages[start:start + k]
             src = np.zeros(b, np.int32)
             src[:k] = host_pages[start:start + k]
-            self.pool.kv = self._load(self.pool.kv, idx, self.data[:, src])
+            self.pool.kv = self._load(self.pool.kv, idx, self._rows(src))
         self.stats.loaded_pages += len(host_pages)
         self.stats.load_seconds += time.perf_counter() - t
 
@@ -102,5 +118,5 @@ class HostPool(PageAllocator):
         """Compile the copies of every bucket (a load of page 0 onto itself changes nothing kept)."""
         for b in self.buckets:
             idx = np.zeros(b, np.int32)
-            np.asarray(self._save(self.pool.kv, idx))
-            self.pool.kv = self._load(self.pool.kv, idx, self.data[:, idx])
+            jax.device_get(self._save(self.pool.kv, idx))
+            self.pool.kv = self._load(self.pool.kv, idx, self._rows(idx))

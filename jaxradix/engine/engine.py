@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from jaxradix.cache.host_pool import HostPool, host_pages_for
-from jaxradix.cache.page_pool import PagePool, pool_tokens
+from jaxradix.cache.page_pool import PagePool, has_memory_stats, kv_bytes_per_token, kv_dtype, pool_tokens
 from jaxradix.cache.radix_cache import RadixCache
 from jaxradix.config import EngineConfig
 from jaxradix.engine.batch import Buckets, Row, build_step
+from jaxradix.engine.memory import MemoryReport, bytes_by_dtype
 from jaxradix.engine.model_runner import LaunchedStep, ModelRunner, StepResult, enable_compilation_cache
 from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
@@ -127,9 +128,11 @@ class Engine:
                                  tp_size=cfg.tp_size)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        dtype = self.loaded.model.dtype if cfg.kv_cache_dtype == "auto" else jax.numpy.dtype(cfg.kv_cache_dtype)
+        dtype = kv_dtype(cfg.kv_cache_dtype, self.loaded.model.dtype)
         tp = self.loaded.tp
-        tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static, tp)
+        attention_fn = get_attention(cfg.attention_backend)
+        activation_bytes = self._activation_bytes(dtype, attention_fn)
+        tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static, tp, activation_bytes)
         self.pool = _allocate_pool(mc, tokens, cfg.page_size, dtype, tp)
         self.context_len = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings,
                                self.pool.capacity * cfg.page_size)
@@ -147,8 +150,9 @@ class Engine:
         self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests, min_rows=decode_min_rows())
         max_pages = -(-self.context_len // cfg.page_size)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.buckets, max_pages,
-                                  cfg.max_running_requests, self.context_len, get_attention(cfg.attention_backend),
-                                  tp, self.channel)
+                                  cfg.max_running_requests, self.context_len, attention_fn, tp, self.channel)
+        self.memory = self._memory_report(activation_bytes)
+        logger.info(self.memory.log_line())
         self.stop_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
             self.stop_token_ids |= set(self.tokenizer.stop_token_ids)
@@ -188,6 +192,43 @@ class Engine:
         self._thread = threading.Thread(target=self._loop if self.is_leader else self._follow,
                                         name="jaxradix-engine", daemon=True)
         self._thread.start()
+
+    def _activation_bytes(self, dtype: Any, attention_fn: Any) -> int:
+        """Device bytes of the largest step (temporaries and outputs, from XLA's memory analysis of that step
+        compiled on a one-page pool): the pool sizer's headroom. 0 (not measured) on a device without memory
+        stats (CPU) or when --max-total-tokens fixes the pool."""
+        cfg, mc = self.config, self.model_config
+        if cfg.max_total_tokens is not None or not has_memory_stats():
+            return 0
+        start = time.perf_counter()
+        context = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)  # an upper bound
+        chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else context
+        buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
+        scratch = _allocate_pool(mc, cfg.page_size, cfg.page_size, dtype, self.loaded.tp)
+        runner = ModelRunner(self.loaded.model, scratch, buckets, -(-context // cfg.page_size),
+                             cfg.max_running_requests, context, attention_fn, self.loaded.tp)
+        largest = max(buckets.all(), key=lambda b: (b.tokens, b.rows))
+        n = runner.step_bytes(largest)
+        del runner, scratch
+        logger.info("largest step %s needs %.3f GB of activations per device (measured in %.1f s)", largest,
+                    n / 1e9, time.perf_counter() - start)
+        return n
+
+    def _memory_report(self, activation_bytes: int) -> MemoryReport:
+        import jax
+
+        from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE
+
+        weights = bytes_by_dtype(self.runner.params)
+        tp = self.loaded.tp
+        return MemoryReport(
+            weights_bytes=sum(weights.values()), weights_dtypes=weights, kv_bytes=self.pool.nbytes,
+            kv_cache_dtype=self.config.kv_cache_dtype, kv_dtype=str(self.pool.dtype),
+            kv_scale_dtype=str(jax.numpy.dtype(SCALE_DTYPE)) if self.pool.quantized else None,
+            kv_tokens=self.pool.capacity * self.pool.page_size,
+            kv_bytes_per_token=kv_bytes_per_token(self.model_config, self.pool.dtype),
+            activation_bytes=activation_bytes, devices=1 if tp is None else tp.tp,
+            device_kind=jax.local_devices()[0].device_kind)
 
     # == public API ================================================================================
     def generate(self, prompt: str | list[str] | None = None, sampling_params: SamplingParams | dict | list |

@@ -99,8 +99,8 @@ class ModelRunner:
         self.num_compiles = 0
 
     # -- the traced functions -------------------------------------------------------------------
-    def _step(self, params: nnx.State, kv: tuple[jax.Array, ...], state: SamplerState, inp: StepInput,
-              prompt_logprobs: bool) -> tuple[tuple[jax.Array, ...], SamplerState, SampleOutput,
+    def _step(self, params: nnx.State, kv: tuple[Any, ...], state: SamplerState, inp: StepInput,
+              prompt_logprobs: bool) -> tuple[tuple[Any, ...], SamplerState, SampleOutput,
                                                PromptLogprobs | None]:
         input_ids = resolve_input_ids(inp.input_ids, inp.input_from_slot, state)  # [T]
         if self.tp is None:
@@ -135,6 +135,14 @@ class ModelRunner:
         compiled = step.lower(self.params, self.pool.kv, self.state, example, prompt_logprobs).compile()
         self.num_compiles += 1
         return compiled
+
+    def step_bytes(self, bucket: Bucket, prompt_logprobs: bool = False) -> int:
+        """Device bytes (per device) one step of `bucket` needs beyond its inputs: XLA's temporaries plus
+        the outputs that do not reuse a donated input, from the compiled step's memory_analysis()."""
+        ma = self._compile(bucket, prompt_logprobs).memory_analysis()
+        if ma is None:
+            return 0
+        return int(ma.temp_size_in_bytes + max(ma.output_size_in_bytes - ma.alias_size_in_bytes, 0))
 
     def _put(self, tree: Any) -> Any:
         """Host arrays -> device (replicated over the mesh under TP)."""

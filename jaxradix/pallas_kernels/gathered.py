@@ -18,6 +18,9 @@ edge bounds the range, so a tile never reads keys after its last token. With
 ``jax.nn.dot_product_attention`` with their log-sum-exp: its cached prefix (no mask, keys up to
 the tile's first position, in chunks of 4k keys) and its own diagonal block (causal, top-left
 aligned), merged.
+
+A quantized pool (``QuantizedKV``) is dequantized right after each gather (``read_pages``): only the
+blocks a row reads are expanded, to f32 (to the query dtype for cuDNN tiles).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from jax import lax
 
 from jaxradix.pallas_kernels.common import clean_metadata
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import is_quantized
+from jaxradix.pallas_kernels.reference import KVPool, read_pages
 
 PREFILL_IMPLS = ("einsum", "dot_product_attention")
 
@@ -46,7 +51,7 @@ def _softmax_step(carry, s, v):
 
 def _decode_rows(
     q: jax.Array,  # [T, NH, D]
-    kv: jax.Array,  # [P, S, 2*KH, D]
+    kv: KVPool,  # [P, S, 2*KH, D]
     md: AttentionMetadata,  # cleaned
     page_table: jax.Array,  # [B, NB*C], padded with page 0
     *,
@@ -71,7 +76,7 @@ def _decode_rows(
         page_pos = (i * C + jnp.arange(C, dtype=jnp.int32)) * S  # [C] first position of each page
         pages = lax.dynamic_slice_in_dim(page_table, i * C, C, axis=1)  # [B, C]
         live = (page_pos[None, :] < kv_len[:, None]) & (page_pos[None, :] + S > lo[:, None])  # [B, C]
-        blk = kv[jnp.where(live, pages, 0)].astype(jnp.float32)  # [B, C, S, 2*KH, D]
+        blk = read_pages(kv, jnp.where(live, pages, 0))  # [B, C, S, 2*KH, D] f32
         blk = jnp.where(live[:, :, None, None, None], blk, 0.0).reshape(B, C * S, KH2, D)
         s = jnp.einsum("bkgd,bnkd->bkgn", qd, blk[:, :, :KH])  # [B, KH, G, C*S]
         if soft_cap is not None:
@@ -92,7 +97,7 @@ def _decode_rows(
 
 def _tile_einsum(
     qt: jax.Array,  # [TQ, KH, G, D] f32, scaled
-    kv: jax.Array,  # [P, S, 2*KH, D]
+    kv: KVPool,  # [P, S, 2*KH, D]
     pages: jax.Array,  # [NB*C] the tile's sequence's page-table row, padded with page 0
     q_pos0: jax.Array,  # kv position of the tile's first token
     kv_lo: jax.Array,  # first kv position any row of the tile sees (sliding window)
@@ -111,7 +116,7 @@ def _tile_einsum(
         blk_pages = lax.dynamic_slice_in_dim(pages, i * C, C)  # [C]
         page_pos = (i * C + jnp.arange(C, dtype=jnp.int32)) * S
         live = (page_pos < kv_hi) & (page_pos + S > kv_lo)
-        blk = kv[jnp.where(live, blk_pages, 0)].astype(jnp.float32)  # [C, S, 2*KH, D]
+        blk = read_pages(kv, jnp.where(live, blk_pages, 0))  # [C, S, 2*KH, D] f32
         blk = jnp.where(live[:, None, None, None], blk, 0.0).reshape(C * S, KH2, D)
         s = jnp.einsum("tkgd,nkd->tkgn", qt, blk[:, :KH])  # [TQ, KH, G, C*S]
         if soft_cap is not None:
@@ -141,7 +146,7 @@ def _merge(o_a, lse_a, o_b, lse_b):
 
 def _tile_dot_product_attention(
     qt: jax.Array,  # [TQ, NH, D] in the pool dtype
-    kv: jax.Array,  # [P, S, 2*KH, D]
+    kv: KVPool,  # [P, S, 2*KH, D]
     pages: jax.Array,  # [NB*C] the tile's sequence's page-table row, padded with page 0
     q_pos0: jax.Array,
     ntok: jax.Array,  # live tokens of the tile
@@ -166,7 +171,7 @@ def _tile_dot_product_attention(
         page_pos = (c * CP + jnp.arange(CP, dtype=jnp.int32)) * S
         chunk = lax.dynamic_slice_in_dim(pages, c * CP, CP)  # [CP]
         live = page_pos < q_pos0
-        blk = kv[jnp.where(live, chunk, 0)]  # [CP, S, 2*KH, D]
+        blk = read_pages(kv, jnp.where(live, chunk, 0), dtype=qt.dtype)  # [CP, S, 2*KH, D]
         blk = jnp.where(live[:, None, None, None], blk, 0).reshape(CP * S, KH2, D)
         n_kv = jnp.clip(q_pos0 - c * CP * S, 1, CP * S).reshape(1).astype(jnp.int32)
         o, lse = attend(qt[None], blk[None, :, :KH], blk[None, :, KH:], query_seq_lengths=n, key_value_seq_lengths=n_kv)
@@ -176,7 +181,7 @@ def _tile_dot_product_attention(
     o_p, lse_p = lax.fori_loop(0, (q_pos0 + CP * S - 1) // (CP * S), prefix_chunk, init)
     # The diagonal keys [q_pos0, q_pos0 + TQ): gathered slot by slot (a tile need not start on a page).
     pos = jnp.minimum(q_pos0 + jnp.arange(TQ, dtype=jnp.int32), N - 1)  # [TQ]
-    diag = kv[pages[pos // S], pos % S]  # [TQ, 2*KH, D]
+    diag = read_pages(kv, pages[pos // S], pos % S, dtype=qt.dtype)  # [TQ, 2*KH, D]
     diag = jnp.where((jnp.arange(TQ) < ntok)[:, None, None], diag, 0)
     o_d, lse_d = attend(qt[None], diag[None, :, :KH], diag[None, :, KH:], is_causal=True,
                         query_seq_lengths=n, key_value_seq_lengths=n)  # fmt: skip
@@ -186,7 +191,7 @@ def _tile_dot_product_attention(
 
 def ragged_paged_attention_gathered(
     q: jax.Array,  # [T, NH, D]
-    kv: jax.Array,  # [P, S, 2*KH, D] one layer's pool
+    kv: KVPool,  # [P, S, 2*KH, D] one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -206,7 +211,7 @@ def ragged_paged_attention_gathered(
         raise ValueError(f"prefill must be one of {PREFILL_IMPLS}, got {prefill!r}")
     if prefill == "dot_product_attention" and (sliding_window is not None or soft_cap is not None):
         raise NotImplementedError("prefill='dot_product_attention' takes no sliding window or soft cap")
-    if kv.ndim != 4 or kv.shape[-1] != q.shape[-1] or kv.shape[2] % 2 or q.shape[1] % (kv.shape[2] // 2):
+    if len(kv.shape) != 4 or kv.shape[-1] != q.shape[-1] or kv.shape[2] % 2 or q.shape[1] % (kv.shape[2] // 2):
         raise ValueError(f"kv {kv.shape} must be [P, S, 2*KH, D] matching q {q.shape}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
@@ -249,7 +254,7 @@ def ragged_paged_attention_gathered(
             ).reshape(TQ, NH, D)  # fmt: skip
         else:
             ot = _tile_dot_product_attention(
-                qt.astype(kv.dtype), kv, page_table[b], pos0, ntok, sm_scale=sm_scale,
+                qt.astype(q.dtype if is_quantized(kv) else kv.dtype), kv, page_table[b], pos0, ntok, sm_scale=sm_scale,
                 implementation=implementation, prefix_chunk_tokens=prefix_chunk_tokens,
             )  # fmt: skip
         rows = jnp.arange(TQ)[:, None, None] < ntok

@@ -11,19 +11,35 @@ KV pool layout, one array per layer: ``[num_pages, page_size, 2 * KH, D]`` with 
 ``[..., :KH, :]`` and V heads at ``[..., KH:, :]``; every function here takes one layer's array.
 Page 0 is reserved for padding writes and never holds real data. ``page_table[b, p]`` is the pool page that holds
 tokens ``[p * page_size, (p + 1) * page_size)`` of sequence b.
+
+A layer's pool may be a ``QuantizedKV`` (``--kv-cache-dtype fp8_e4m3|fp8_e5m2|int8``): ``write_kv`` quantizes the
+new tokens, and attention dequantizes right after its gather (``read_pages``), so only the pages it reads are ever
+expanded, never the pool.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import QuantizedKV, dequantize, quantize
+
+KVPool = jax.Array | QuantizedKV  # one layer's pool [P, S, 2*KH, D]
+
+
+def read_pages(kv: KVPool, *index: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """kv[index] in `dtype` (dequantized when the pool is quantized): [*index shape, ..., D]."""
+    if isinstance(kv, QuantizedKV):
+        return dequantize(kv.data[index], kv.scale[index], dtype)
+    return kv[index].astype(dtype)
 
 
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv: jax.Array,  # [P, S, 2*KH, D], one layer's pool
+    kv: KVPool,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -46,13 +62,13 @@ def ragged_paged_attention(
     q_pos = kv_len - q_len + (t - md.cu_q_lens[seq])  # [T]
 
     # Gather every sequence's pages: [B, MP * S, 2*KH, D]
-    seq_kv = kv[md.page_table].reshape(B, MP * S, KH2, D)
+    seq_kv = read_pages(kv, md.page_table).reshape(B, MP * S, KH2, D)  # f32
     k = seq_kv[:, :, :KH, :]  # [B, N, KH, D]
     v = seq_kv[:, :, KH:, :]  # [B, N, KH, D]
 
     qg = q.reshape(T, KH, G, D).astype(jnp.float32)
-    kt = k[seq].astype(jnp.float32)  # [T, N, KH, D]
-    vt = v[seq].astype(jnp.float32)  # [T, N, KH, D]
+    kt = k[seq]  # [T, N, KH, D]
+    vt = v[seq]  # [T, N, KH, D]
     s = jnp.einsum("tkgd,tnkd->tkgn", qg, kt) * sm_scale  # [T, KH, G, N]
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
@@ -71,19 +87,23 @@ def ragged_paged_attention(
 
 
 def write_kv(
-    kv: jax.Array,  # [P, S, 2*KH, D], one layer's pool
+    kv: KVPool,  # [P, S, 2*KH, D], one layer's pool
     k: jax.Array,  # [T, KH, D]
     v: jax.Array,  # [T, KH, D]
     slot_mapping: jax.Array,  # [T] int32, page * S + offset; padding tokens point into page 0
-) -> jax.Array:  # the pool, updated in place under donation
+) -> KVPool:  # the pool, updated in place under donation
     S = kv.shape[1]
-    new = jnp.concatenate([k, v], axis=1).astype(kv.dtype)  # [T, 2*KH, D]
-    return kv.at[slot_mapping // S, slot_mapping % S].set(new)
+    page, offset = slot_mapping // S, slot_mapping % S
+    new = jnp.concatenate([k, v], axis=1)  # [T, 2*KH, D]
+    if isinstance(kv, QuantizedKV):
+        data, scale = quantize(new, kv.dtype)  # [T, 2*KH, D], [T, 2*KH]
+        return QuantizedKV(kv.data.at[page, offset].set(data), kv.scale.at[page, offset].set(scale))
+    return kv.at[page, offset].set(new.astype(kv.dtype))
 
 
 def ragged_paged_attention_blocked(
     q: jax.Array,  # [T, NH, D]
-    kv: jax.Array,  # [P, S, 2*KH, D], one layer's pool
+    kv: KVPool,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -115,7 +135,7 @@ def ragged_paged_attention_blocked(
     def body(i, carry):
         m, l, acc = carry  # [T, KH, G], [T, KH, G], [T, KH, G, D]
         pages = jax.lax.dynamic_slice_in_dim(page_table, i * C, C, axis=1)[seq]  # [T, C]
-        blk = kv[pages].reshape(T, C * S, KH2, D).astype(jnp.float32)  # [T, C*S, 2*KH, D]
+        blk = read_pages(kv, pages).reshape(T, C * S, KH2, D)  # [T, C*S, 2*KH, D] f32
         s = jnp.einsum("tkgd,tnkd->tkgn", qg, blk[:, :, :KH])  # [T, KH, G, C*S]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

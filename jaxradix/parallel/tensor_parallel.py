@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxradix.cache.page_pool import empty_layer
 from jaxradix.models.model_config import ModelConfig
 
 AXIS = "tp"
@@ -136,7 +137,8 @@ class TensorParallel:
         self.layout = TPLayout(tp, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                                cfg.vocab_size)
         self.replicated = NamedSharding(self.mesh, P())
-        self.kv_sharding = NamedSharding(self.mesh, P(None, None, AXIS, None))
+        # the head axis (2) of every pool leaf: [P, S, 2*KH, D] values and, when quantized, [P, S, 2*KH] scales
+        self.kv_sharding = NamedSharding(self.mesh, P(None, None, AXIS))
         self._jits: dict[tuple, Any] = {}
 
     @property
@@ -194,10 +196,11 @@ class TensorParallel:
             return NamedSharding(self.mesh, P(AXIS, None))
         return self.replicated
 
-    def kv_pool(self, num_pages: int, page_size: int, num_layers: int, dtype: Any) -> tuple[jax.Array, ...]:
-        """L zero arrays [P, S, tp * 2*KHl, D], each device holding its [P, S, 2*KHl, D] shard."""
+    def kv_pool(self, num_pages: int, page_size: int, num_layers: int, dtype: Any) -> tuple[Any, ...]:
+        """L zero pools [P, S, tp * 2*KHl, D] (arrays, or QuantizedKV for a quantized dtype), each device
+        holding its [P, S, 2*KHl, D] shard."""
         shape = (num_pages, page_size, self.tp * 2 * self.layout.local_kv_heads, self.cfg.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)
+        zeros = jax.jit(lambda: empty_layer(shape, dtype), out_shardings=self.kv_sharding)
         return tuple(zeros() for _ in range(num_layers))
 
     def replicate(self, tree: Any) -> Any:
@@ -220,7 +223,7 @@ class TensorParallel:
             model = nnx.merge(graphdef, params)
             return model(input_ids, positions, slot_mapping, kv, md, attention_fn, tp_axis=AXIS)
 
-        kv_spec = P(None, None, AXIS, None)
+        kv_spec = P(None, None, AXIS)  # every leaf of every layer's pool
         fn = jax.shard_map(local, mesh=self.mesh, out_specs=(P(), kv_spec), check_vma=False,
                            in_specs=(self.param_specs(params), kv_spec, P(), P(), P(), P()))
         return fn(params, kv, input_ids, positions, slot_mapping, md)

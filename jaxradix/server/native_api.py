@@ -338,6 +338,8 @@ def native_router(state: ServerState) -> APIRouter:
             "max_total_num_tokens": pool.capacity * pool.page_size if pool is not None else None,
             "stats": dict(engine.stats), **engine_load(engine),
             "cache": await asyncio.to_thread(engine.cache_stats), "process": process_stats(),
+            # weights / KV pool / activations in real bytes, with their dtypes (engine/memory.py)
+            "memory": engine.memory.as_dict() if getattr(engine, "memory", None) is not None else None,
             # what SGLang's router reads at registration (each jaxradix worker is one replica); the model's
             # file name, never the server's path
             "model_path": state.model_basename, "compilation_cache_dir": None,
