@@ -7,7 +7,9 @@ Parts:
   shared       64 requests = one shared system prompt + unique questions; radix vs --disable-radix-cache:
                prefill tokens computed, throughput, mean TTFT, hit rate.
   concurrency  the seed article's table on a fixed KV pool: the most requests held at once without
-               retraction, and mean latency at concurrency 32, radix vs no radix.
+               retraction, throughput, and mean latency at concurrency 32, radix vs no radix; with
+               --kv-dtypes, for each KV cache dtype, and with --pool-bytes the pool is a fixed number of
+               bytes (so a quantized dtype holds more tokens in it) instead of --pool-tokens.
   overhead     host time per decode step (scheduling + batch building) at 64 running requests.
   naive        one request at a time with no cache vs the batched radix engine: throughput ratio.
 """
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxradix import Engine, SamplingParams
+from jaxradix.cache.page_pool import kv_bytes_per_token, kv_dtype
 
 
 def shared_prefix_prompts(engine: Engine, n: int, system_len: int, q_min: int, q_max: int, seed: int = 0) -> list:
@@ -88,6 +91,11 @@ def main() -> None:
     ap.add_argument("--naive-requests", type=int, default=8)
     ap.add_argument("--concurrency-requests", type=int, default=128)
     ap.add_argument("--concurrency-system-len", type=int, default=None, help="default: --system-len")
+    ap.add_argument("--kv-dtypes", default="auto", help="concurrency: comma-separated --kv-cache-dtype values")
+    ap.add_argument("--pool-bytes", type=float, default=None,
+                    help="concurrency: a fixed KV pool in bytes for every dtype (default: --pool-tokens tokens)")
+    ap.add_argument("--concurrency-latency", action=argparse.BooleanOptionalAction, default=True,
+                    help="concurrency: also measure mean latency at concurrency 32 (one more engine per row)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     parts = args.parts.split(",")
@@ -122,25 +130,57 @@ def main() -> None:
 
     if "concurrency" in parts:
         rows = {}
-        for radix in (True, False):
-            for cap in (128, 32):
-                e = Engine(args.model_path, max_running_requests=cap, max_total_tokens=args.pool_tokens,
-                           disable_radix_cache=not radix, new_token_ratio=1.0, min_new_token_ratio=1.0, **common)
-                n = args.concurrency_requests if cap == 128 else min(args.concurrency_requests, 64)
-                prompts = shared_prefix_prompts(e, n, args.concurrency_system_len or args.system_len, q_min, q_max)
-                r = run(e, prompts, args.output_len)
-                e.shutdown()
-                name = "radix" if radix else "no radix"
-                if cap == 128:
-                    rows.setdefault(name, {})["max_concurrent_requests"] = r["max_running"]
-                    rows[name]["retractions"] = r["retractions"]
-                else:
-                    rows[name]["mean_latency_s_at_32"] = r["mean_latency_s"]
-        report.append(table(f"Fixed KV pool of {args.pool_tokens} tokens, "
-                            f"{args.concurrency_system_len or args.system_len}-token shared prefix: concurrency "
-                            f"without retraction (admission reserves the full output), latency at concurrency 32",
-                            rows,
-                            ["max_concurrent_requests", "retractions", "mean_latency_s_at_32"]))
+        system_len = args.concurrency_system_len or args.system_len
+        dtypes = args.kv_dtypes.split(",")
+        per_token = {}  # KV bytes per token of each dtype, for --pool-bytes
+        if args.pool_bytes is not None:
+            from jaxradix.models.loader import load_model
+
+            loaded = load_model(args.model_path)
+            per_token = {d: kv_bytes_per_token(loaded.config, kv_dtype(d, loaded.model.dtype)) for d in dtypes}
+            del loaded
+        for dtype_name in dtypes:
+            tokens = args.pool_tokens if args.pool_bytes is None else int(args.pool_bytes // per_token[dtype_name])
+            for radix in (True, False):
+                name = ("radix" if radix else "no radix") + ("" if dtypes == ["auto"] else f", {dtype_name} KV")
+                row: dict = {}
+                for cap in (128, 32) if args.concurrency_latency else (128,):
+                    cap = min(cap, args.concurrency_requests)
+                    e = Engine(args.model_path, max_running_requests=cap, max_total_tokens=tokens,
+                               kv_cache_dtype=dtype_name, disable_radix_cache=not radix, new_token_ratio=1.0,
+                               min_new_token_ratio=1.0, **common)
+                    n = args.concurrency_requests if len(row) == 0 else min(args.concurrency_requests, 64)
+                    prompts = shared_prefix_prompts(e, n, system_len, q_min, q_max)
+                    r = run(e, prompts, args.output_len)
+                    if not row:
+                        row |= {"kv_dtype": e.memory.kv_dtype, "pool_tokens": e.memory.kv_tokens,
+                                "pool_MB": e.memory.kv_bytes / 1e6,
+                                "tokens_per_GB": e.memory.kv_tokens / (e.memory.kv_bytes / 1e9),
+                                "max_concurrent_requests": r["max_running"], "retractions": r["retractions"],
+                                "output_tok_per_s": r["output_tok_per_s"], "total_tok_per_s": r["total_tok_per_s"],
+                                "outputs": r["outputs"]}
+                    else:
+                        row["mean_latency_s_at_32"] = r["mean_latency_s"]
+                    e.shutdown()
+                rows[name] = row
+        first = {radix: next(r for k, r in rows.items() if k.startswith(radix)) for radix in ("radix", "no radix")}
+        for name, row in rows.items():  # greedy agreement with the first dtype's run, position by position
+            ref = first["radix" if name.startswith("radix") else "no radix"]["outputs"]
+            same = [a == b for x, y in zip(row.pop("outputs"), ref, strict=True) for a, b in zip(x, y, strict=True)]
+            row["greedy_tokens_same_as_first"] = sum(same) / len(same)
+        keys = ["pool_tokens", "pool_MB", "tokens_per_GB", "max_concurrent_requests", "retractions",
+                "output_tok_per_s", "total_tok_per_s", "greedy_tokens_same_as_first"]
+        if args.concurrency_latency:
+            keys.append("mean_latency_s_at_32")
+        pool = f"{args.pool_bytes / 1e6:.1f} MB" if args.pool_bytes is not None else f"{args.pool_tokens} tokens"
+        report.append(table(f"Fixed KV pool of {pool}, {args.concurrency_requests} requests with a {system_len}-token "
+                            f"shared prefix: concurrency without retraction (admission reserves the full output)",
+                            rows, keys))
+        if len(dtypes) > 1:
+            base, best = rows[f"no radix, {dtypes[0]} KV"], rows[f"radix, {dtypes[-1]} KV"]
+            report.append(f"\n{dtypes[-1]} KV vs {dtypes[0]} KV: {best['tokens_per_GB'] / base['tokens_per_GB']:.2f}x "
+                          f"tokens per GB; {dtypes[-1]} KV + radix vs {dtypes[0]} KV without radix: "
+                          f"{best['max_concurrent_requests'] / base['max_concurrent_requests']:.2f}x concurrency")
         results["concurrency"] = rows
 
     if "overhead" in parts:

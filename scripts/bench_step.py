@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxradix import Engine, SamplingParams
+from jaxradix.cache.page_pool import kv_bytes_per_token
 from jaxradix.engine.batch import Bucket, StepInput
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 
@@ -83,7 +84,7 @@ def step_bytes(engine: Engine, batch: int, context: int) -> int:
     flat = engine.loaded.model.flat_params()
     weights = sum(a.nbytes for name, a in flat.items() if name != "embed" or engine.model_config.tie_word_embeddings)
     mc = engine.model_config
-    kv = batch * context * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * engine.pool.kv[0].dtype.itemsize
+    kv = batch * context * kv_bytes_per_token(mc, engine.pool.dtype)  # real bytes: a quantized pool's scales too
     return weights + kv
 
 
@@ -201,6 +202,7 @@ def main() -> None:
     ap.add_argument("--max-total-tokens", type=int, default=None, help="KV pool (default: free memory; CPU 8192)")
     ap.add_argument("--chunked-prefill-size", type=int, default=None, help="default: EngineConfig's")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the KV pool's dtype, as the server flag")
     ap.add_argument("--compilation-cache-dir", default=None,
                     help="default: a fresh temporary directory, so the compile time is cold")
     ap.add_argument("--json", default=None, help="write the figures here too")
@@ -218,6 +220,7 @@ def main() -> None:
     kw = dict(load_format=args.load_format, dtype=args.dtype, max_running_requests=max_running,
               context_length=max(sg_in + sg_out, opt.decode_context) + 16, attention_backend=args.attention_backend,
               max_total_tokens=args.max_total_tokens or (8192 if cpu else None), compilation_cache_dir=cache,
+              kv_cache_dtype=args.kv_cache_dtype,
               log_level="warning")
     if args.chunked_prefill_size:
         kw["chunked_prefill_size"] = args.chunked_prefill_size
@@ -225,9 +228,10 @@ def main() -> None:
     mc, dev = engine.model_config, jax.devices()[0]
     nparams = sum(a.size for a in engine.loaded.model.flat_params().values())
     print(f"# jaxradix step benchmark: {engine.loaded.source} ({mc.model_type}, {nparams / 1e9:.2f} B params, "
-          f"weights {engine.loaded.model.dtype}, KV {engine.pool.kv[0].dtype}) on {jax.default_backend()} "
+          f"weights {engine.loaded.model.dtype}, KV {engine.pool.dtype}) on {jax.default_backend()} "
           f"({dev.device_kind}; {platform.processor() or platform.machine()}), jax {jax.__version__}, "
           f"{engine.pool.capacity * engine.pool.page_size} KV tokens, max running {max_running}", flush=True)
+    print(f"# {engine.memory.log_line()}", flush=True)
     rows: list[tuple[str, str, str]] = []
     figures: dict = {}
 

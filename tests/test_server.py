@@ -84,6 +84,10 @@ def test_health_models_and_info(http, engine):
         s = http.get(path).json()
         assert s["context_length"] == engine.context_len == 1024
         assert s["max_running_requests"] == 8 and "hit_rate" in s["cache"]
+        mem = s["memory"]  # what the start-up log line says, in real bytes
+        assert mem["kv_tokens"] == s["max_total_num_tokens"] and mem["kv_bytes"] == engine.pool.nbytes
+        assert mem["weights_bytes"] == sum(mem["weights_dtypes"].values()) > 0 and mem["kv_dtype"] == "float32"
+        assert mem["kv_cache_dtype"] == "auto" and mem["kv_scale_dtype"] is None
 
 
 def test_completions_with_the_openai_client(oai, engine):

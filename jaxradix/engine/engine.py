@@ -195,7 +195,8 @@ class Engine:
 
     def _activation_bytes(self, dtype: Any, attention_fn: Any) -> int:
         """Device bytes of the largest step (temporaries and outputs, from XLA's memory analysis of that step
-        compiled on a one-page pool): the pool sizer's headroom. 0 (not measured) on a device without memory
+        compiled on a one-page pool): the pool sizer's headroom. Measured on the prompt-logprobs variant, which
+        also holds every token's logits, so either variant fits. 0 (not measured) on a device without memory
         stats (CPU) or when --max-total-tokens fixes the pool."""
         cfg, mc = self.config, self.model_config
         if cfg.max_total_tokens is not None or not has_memory_stats():
@@ -208,7 +209,7 @@ class Engine:
         runner = ModelRunner(self.loaded.model, scratch, buckets, -(-context // cfg.page_size),
                              cfg.max_running_requests, context, attention_fn, self.loaded.tp)
         largest = max(buckets.all(), key=lambda b: (b.tokens, b.rows))
-        n = runner.step_bytes(largest)
+        n = runner.step_bytes(largest, prompt_logprobs=True)
         del runner, scratch
         logger.info("largest step %s needs %.3f GB of activations per device (measured in %.1f s)", largest,
                     n / 1e9, time.perf_counter() - start)
