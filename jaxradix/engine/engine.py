@@ -204,7 +204,7 @@ class Engine:
         start = time.perf_counter()
         context = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)  # an upper bound
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else context
-        buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests)
+        buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests, min_rows=decode_min_rows())
         scratch = _allocate_pool(mc, cfg.page_size, cfg.page_size, dtype, self.loaded.tp)
         runner = ModelRunner(self.loaded.model, scratch, buckets, -(-context // cfg.page_size),
                              cfg.max_running_requests, context, attention_fn, self.loaded.tp)
