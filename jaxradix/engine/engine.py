@@ -31,6 +31,7 @@ from jaxradix.engine.memory import MemoryReport, bytes_by_dtype
 from jaxradix.engine.model_runner import LaunchedStep, ModelRunner, StepResult, enable_compilation_cache
 from jaxradix.engine.request import FinishReason, LogprobOptions, Request, SamplingParams
 from jaxradix.engine.scheduler import Scheduler
+from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE
 from jaxradix.parallel.multihost import RankLost
 
 logger = logging.getLogger("jaxradix")
@@ -218,14 +219,12 @@ class Engine:
     def _memory_report(self, activation_bytes: int) -> MemoryReport:
         import jax
 
-        from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE
-
         weights = bytes_by_dtype(self.runner.params)
         tp = self.loaded.tp
         return MemoryReport(
             weights_bytes=sum(weights.values()), weights_dtypes=weights, kv_bytes=self.pool.nbytes,
             kv_cache_dtype=self.config.kv_cache_dtype, kv_dtype=str(self.pool.dtype),
-            kv_scale_dtype=str(jax.numpy.dtype(SCALE_DTYPE)) if self.pool.quantized else None,
+            kv_scale_dtype=np.dtype(SCALE_DTYPE).name if self.pool.quantized else None,
             kv_tokens=self.pool.capacity * self.pool.page_size,
             kv_bytes_per_token=kv_bytes_per_token(self.model_config, self.pool.dtype),
             activation_bytes=activation_bytes, devices=1 if tp is None else tp.tp,
