@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--dtype", default=None, help="weights: auto (the checkpoint's; f32 and GGUF become bfloat16 "
                      "on GPU/TPU), bfloat16, float16 or float32")
     eng.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
-                     help="KV pool dtype (auto: the weights' dtype)")
+                     help="KV pool dtype (auto: the weights' dtype); fp8_e4m3, fp8_e5m2 and int8 store 1-byte "
+                     "values with a bf16 scale per token and head: 1.94x the tokens of bf16 at head_dim 64")
     eng.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
     eng.add_argument("--grammar-backend", default=None, choices=GRAMMAR_BACKENDS)
     eng.add_argument("--random-seed", type=int, default=None)
