@@ -107,14 +107,13 @@ def main() -> None:
     results: dict = {}
     report = Report()
 
-    if "shared" in parts or "concurrency" in parts:
+    if "shared" in parts:
         rows = {}
         for radix in (True, False):
             e = Engine(args.model_path, max_running_requests=64, max_total_tokens=args.pool_tokens * 4,
                        disable_radix_cache=not radix, **common)
             prompts = shared_prefix_prompts(e, args.num_requests, args.system_len, q_min, q_max)
-            if "shared" in parts:
-                rows["radix" if radix else "no radix"] = run(e, prompts, args.output_len)
+            rows["radix" if radix else "no radix"] = run(e, prompts, args.output_len)
             e.shutdown()
         if rows:
             assert rows["radix"]["outputs"] == rows["no radix"]["outputs"], "radix changed greedy outputs"
