@@ -162,9 +162,12 @@ def main() -> None:
                         row["mean_latency_s_at_32"] = r["mean_latency_s"]
                     e.shutdown()
                 rows[name] = row
-        first = {radix: next(r for k, r in rows.items() if k.startswith(radix)) for radix in ("radix", "no radix")}
+                print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in row.items() if k != "outputs"), flush=True)
+        first = {radix: next(r["outputs"] for k, r in rows.items() if k.startswith(radix))
+                 for radix in ("radix", "no radix")}
         for name, row in rows.items():  # greedy agreement with the first dtype's run, position by position
-            ref = first["radix" if name.startswith("radix") else "no radix"]["outputs"]
+            ref = first["radix" if name.startswith("radix") else "no radix"]
             same = [a == b for x, y in zip(row.pop("outputs"), ref, strict=True) for a, b in zip(x, y, strict=True)]
             row["greedy_tokens_same_as_first"] = sum(same) / len(same)
         keys = ["pool_tokens", "pool_MB", "tokens_per_GB", "max_concurrent_requests", "retractions",
