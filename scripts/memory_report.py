@@ -6,9 +6,10 @@
 
 For each KV cache dtype: one engine sized by the default rule (no --max-total-tokens: on a device with
 memory stats the pool takes what is left after the weights and the largest step's measured activations),
-its memory report (the start-up log line), then a prompt-logprobs request that fills the largest bucket
-and a greedy batch; on a device with memory stats, the device's bytes in use and peak after them against
-its limit (the headroom held if the peak stays under the limit). Buckets compile on first use.
+its memory report (the start-up log line), then a prompt-logprobs request as long as the largest bucket
+(prefilled in chunked-prefill-size chunks, each step holding every token's logits) and a full greedy
+batch; on a device with memory stats, the device's bytes in use and peak after them against its limit
+(the headroom held if the peak stays under the limit). Buckets compile on first use.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
         T = engine.buckets.token_sizes[-1]
         ids = rng.integers(10, vocab - 1, min(T - 1, engine.context_len - 2)).tolist()
         engine.generate(input_ids=ids, sampling_params=SamplingParams(temperature=0, max_new_tokens=1),
-                        return_logprob=True, logprob_start_len=0)  # the largest bucket, prompt-logprobs variant
+                        return_logprob=True, logprob_start_len=0)  # full prefill chunks, prompt-logprobs variant
         batch = [rng.integers(10, vocab - 1, 16).tolist() for _ in range(args.max_running_requests)]
         engine.generate(input_ids=batch, sampling_params=SamplingParams(temperature=0, max_new_tokens=4,
                                                                         ignore_eos=True))
