@@ -106,17 +106,47 @@ def _dequant(values: jax.Array, scales: jax.Array, offsets: jax.Array | None, ax
 
 def dense(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
     """x [..., K] @ w [K, N] -> [..., N] in x's dtype: THE matmul of the model, for plain and quantized
-    weights. A quantized weight is dequantized inside the dot (XLA fuses the convert and the scale
-    broadcast into its operand): per-channel scales multiply the dot's output instead."""
+    weights (a quantized one goes to the matmul MATMULS[matmul_kind(...)] picks)."""
     if not isinstance(w, QuantizedWeight):
         return x @ w
     if w.axis != 0:
         raise ValueError("dense: a QuantizedWeight with its contraction on axis 1 is an embedding table; "
                          "use its .T for the tied logits")
-    if w.scales.shape[0] == 1 and w.offsets is None:  # one scale per output channel
-        y = jnp.dot(x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * w.scales[0]).astype(x.dtype)
-    return jnp.dot(x, w.dequantize(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)  # [T, K]
+    y = MATMULS[matmul_kind(jax.default_backend(), x2.shape[0])](x2, w)  # [T, N] f32
+    return y.astype(x.dtype).reshape(*lead, w.shape[1])
+
+
+def _matmul_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, N] -> [T, N] f32
+    """One dot with the weight dequantized in its operand (GPU/TPU: XLA fuses the convert and the scale
+    broadcast into the dot). Per-channel scales multiply the dot's output instead."""
+    if w.scales.shape[0] == 1 and w.offsets is None:
+        return jnp.dot(x, w.values.astype(x.dtype), preferred_element_type=jnp.float32) * w.scales[0]
+    return jnp.dot(x, w.dequantize(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _matmul_reduce(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, N] -> [T, N] f32
+    """The product as a multiply-and-reduce over K, so the dequantization is fused into the one loop
+    that reads the weight (XLA:CPU's dot would first write a dequantized copy of it)."""
+    if w.scales.shape[0] == 1 and w.offsets is None:
+        v = w.values.astype(jnp.float32)  # [K, N]
+        return jnp.sum(x.astype(jnp.float32)[:, :, None] * v[None], axis=1) * w.scales  # [T, N]
+    return jnp.sum(x.astype(jnp.float32)[:, :, None] * w.dequantize(jnp.float32)[None], axis=1)
+
+
+MATMULS = {"dot": _matmul_dot, "reduce": _matmul_reduce}
+
+
+def matmul_kind(backend: str, tokens: int) -> str:
+    """Which MATMULS entry serves a quantized weight for `tokens` rows on `backend` (static at trace time).
+    XLA:CPU writes a dequantized copy of the weight before a dot, so few-row steps (decode) reduce instead."""
+    if backend == "cpu" and tokens <= CPU_REDUCE_MAX_TOKENS:
+        return "reduce"
+    return "dot"
+
+
+CPU_REDUCE_MAX_TOKENS = 8
 
 
 def embedding_rows(table: jax.Array | QuantizedWeight, ids: jax.Array, dtype: Any) -> jax.Array:
