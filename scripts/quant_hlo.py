@@ -6,7 +6,7 @@ A quantized model passes when there is none: each weight is dequantized inside i
     python scripts/quant_hlo.py                                   # embedded GGUF, --quantization int8
     python scripts/quant_hlo.py --quantization gguf --tokens 1 64
     python scripts/quant_hlo.py --model-path scripts/configs/llama-3.1-8b --load-format dummy \\
-        --quantization fp8 --tokens 1 256                         # on a GPU: look for triton/cuBLAS fusions
+        --quantization int8 --tokens 1 8 256 --time 20            # on a GPU: fusions, and ms per step
 
 Exit status 1 when a dequantized weight copy is found (so a GPU session can assert it).
 """
@@ -17,6 +17,7 @@ import argparse
 import collections
 import re
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--quantization", default="int8")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64], help="step sizes T to compile")
     ap.add_argument("--show-hlo", action="store_true", help="print the whole optimised HLO too")
+    ap.add_argument("--time", type=int, default=0, help="also time the compiled step (best of 3 x N runs)")
     args = ap.parse_args()
 
     loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, progress=False,
@@ -88,7 +90,8 @@ def main() -> None:
           f"{loaded.quantization}: {len(qweights)} quantized weights "
           f"({', '.join(sorted({str(w.values.dtype) for w in qweights.values()}))})")
     attention = get_attention("auto")
-    S, P = 16, 8
+    S = 16
+    P = max(args.tokens) // S + 2  # pages 1.. hold the longest step's tokens
     kv = tuple(jnp.zeros((P, S, 2 * cfg.num_kv_heads, cfg.head_dim), model.dtype) for _ in range(cfg.num_layers))
 
     graphdef, params = nnx.split(model)
@@ -104,8 +107,22 @@ def main() -> None:
         md = AttentionMetadata(np.array([0, T], np.int32), np.array([T], np.int32),
                                np.arange(1, P, dtype=np.int32)[None, :], np.array([1], np.int32))
         ids = np.zeros(T, np.int32)
-        pos = np.arange(T, dtype=np.int32) % (S * (P - 1))
-        hlo = step.lower(params, kv, ids, pos, pos + S, md).compile().as_text()
+        pos = np.arange(T, dtype=np.int32)
+        compiled = step.lower(params, kv, ids, pos, pos + S, md).compile()
+        hlo = compiled.as_text()
+        if args.time:
+            inputs = (params, kv, ids, pos, pos + S, md)
+            jax.block_until_ready(compiled(*inputs))
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(args.time):
+                    out = compiled(*inputs)
+                jax.block_until_ready(out)
+                best = min(best, (time.perf_counter() - start) / args.time)
+            wbytes = sum(getattr(w, "nbytes", 0) for w in model.flat_params().values())
+            print(f"\n# T={T}: {best * 1e3:.3f} ms/step (weights {wbytes / 2**30:.2f} GiB: "
+                  f"{wbytes / best / 1e9:.0f} GB/s if every weight byte is read once)")
         if args.show_hlo:
             print(hlo)
         ops, copies = check(hlo, sizes)
@@ -113,11 +130,11 @@ def main() -> None:
         for op, n in sorted(ops.items(), key=lambda kv: -kv[1]):
             if any(k in op for k in ("fusion", "dot", "custom-call", "convert", "while", "copy")):
                 print(f"  {n:5d}  {op}")
-        print(f"dequantized whole-weight copies outside a fusion: {len(copies)}")
+        print(f"# T={T}: dequantized whole-weight copies outside a fusion: {len(copies)}")
         for c in copies[:12]:
             print("  " + c)
         failed |= bool(copies)
-    print("\nRESULT:", "FAIL (a dequantized weight is materialised)" if failed else "PASS")
+    print("\n# RESULT:", "FAIL (a dequantized weight is materialised)" if failed else "PASS")
     sys.exit(1 if failed else 0)
 
 

@@ -30,6 +30,7 @@ from jaxradix.models.quantization import (
     channel_axis,
     concat_columns,
     dense,
+    device_storage,
     embedding_rows,
     quantize_channels,
     quantizes,
@@ -65,7 +66,7 @@ def test_channel_quantization_error_bound(kind):
 @pytest.mark.parametrize("fmt", ["channel", "group", "group+offsets", "int4"])
 def test_matmuls_equal_the_dequantized_product(impl, fmt):
     rng = np.random.default_rng(1)
-    K, N, G = 64, 24, 2
+    K, N, G = 64, 27, 2  # N = 2 blocks of 13 columns + 1 (tiled_columns)
     scales = jnp.asarray(rng.uniform(0.01, 0.1, (1 if fmt == "channel" else G, N)), jnp.float32)
     offsets = jnp.asarray(rng.uniform(-0.1, 0.1, (G, N)), jnp.float32) if fmt == "group+offsets" else None
     values = jnp.asarray(rng.integers(-8, 8, (K, N)), jnp.int4 if fmt == "int4" else jnp.int8)
@@ -89,6 +90,14 @@ def test_gguf_blocks_kept_dequantize_exactly(qtype):
     assert q.values.dtype == np.dtype(want) and q.axis == 1 and q.values.shape == (rows, cols)
     assert q.group == (16 if qtype == Q.Q6_K else 32)
     np.testing.assert_array_equal(np.asarray(q.dequantize()), dequantize(raw, qtype, (rows, cols)))
+
+
+def test_device_storage_of_4_bit_values():
+    q = quantized_weight(_raw_for(Q.Q4_1, np.random.default_rng(3)), Q.Q4_1, (6, 512))
+    cpu, gpu = device_storage(q, "cpu"), device_storage(q, "gpu")
+    assert q.values.dtype == np.dtype("uint4") and cpu.values.dtype == np.int8 and gpu.values.dtype == np.dtype("int4")
+    np.testing.assert_array_equal(np.asarray(cpu.dequantize()), np.asarray(q.dequantize()))
+    np.testing.assert_allclose(np.asarray(gpu.dequantize()), np.asarray(q.dequantize()), rtol=1e-6, atol=1e-6)
 
 
 def test_fused_parameter_of_mixed_formats_dequantizes_to_its_parts():
@@ -141,7 +150,7 @@ def test_gguf_kept_quantized_equals_dequantized_and_shards_over_tp2(tiny_gguf):
     kept = load_model(tiny_gguf, progress=False, quantization="gguf")
     params = kept.model.flat_params()
     assert isinstance(params["layers.0.wqkv"], QuantizedWeight) and params["layers.0.wqkv"].values.dtype == jnp.int8
-    assert params["layers.0.wo"].values.dtype == jnp.uint4 and params["lm_head"].values.dtype == jnp.int4
+    assert params["layers.0.wo"].values.dtype == jnp.int8 and params["lm_head"].values.dtype == jnp.int8  # CPU
     assert not isinstance(params["layers.0.w_gate_up"], QuantizedWeight)  # an F16 part: dense
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, VOCAB, 16)]
     ref = _logits(dense_model, None, tokens, 8)

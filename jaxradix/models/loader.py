@@ -28,6 +28,7 @@ from jaxradix.models.quantization import (
     channel_axis,
     check_quantization,
     concat_columns,
+    device_storage,
     quantize_channels,
     quantizes,
 )
@@ -237,7 +238,8 @@ class _ParamBuilder:
         parts = self.quantized.pop(name, {})
         n_parts = len(self.parts.get(name.rsplit(".", 1)[-1], (0,)))
         if len(parts) == n_parts:
-            return parts[0] if n_parts == 1 else concat_columns([parts[i] for i in range(n_parts)])
+            q = parts[0] if n_parts == 1 else concat_columns([parts[i] for i in range(n_parts)])
+            return device_storage(q, jax.default_backend())
         buf = self.buffers[name]
         widths = self.parts.get(name.rsplit(".", 1)[-1], (buf.shape[-1],))
         for i, q in parts.items():

@@ -16,7 +16,8 @@ Format: ``w = values * scales (+ offsets)``, the scales (and offsets) repeated o
 ``--quantization int8|fp8`` quantizes per output channel (symmetric, ``scale = amax / qmax``, qmax 127
 for int8 and 448 for float8_e4m3fn) at load, from any source. ``--quantization gguf`` keeps a GGUF
 file's blocks as they are: Q8_0 int8 and Q6_K int8 with their 32- / 16-entry group scales, Q4_0 int4,
-Q4_1 and Q4_K uint4 with group scales and offsets (exactly ggml's dequantization formula, in f32).
+Q4_1 and Q4_K uint4 with group scales and offsets (exactly ggml's dequantization formula, in f32);
+on CPU the 4-bit values are held as int8, which XLA:CPU converts several times faster (device_storage).
 All scales are f32. Under tensor parallelism the fused columns of values, scales and offsets are
 permuted per shard alike (they share the last axis), and a leaf's axis of size 1 is replicated.
 """
@@ -126,27 +127,49 @@ def _matmul_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, 
     return jnp.dot(x, w.dequantize(x.dtype), preferred_element_type=jnp.float32)
 
 
-def _matmul_reduce(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, N] -> [T, N] f32
-    """The product as a multiply-and-reduce over K, so the dequantization is fused into the one loop
-    that reads the weight (XLA:CPU's dot would first write a dequantized copy of it)."""
-    if w.scales.shape[0] == 1 and w.offsets is None:
-        v = w.values.astype(jnp.float32)  # [K, N]
-        return jnp.sum(x.astype(jnp.float32)[:, :, None] * v[None], axis=1) * w.scales  # [T, N]
-    return jnp.sum(x.astype(jnp.float32)[:, :, None] * w.dequantize(jnp.float32)[None], axis=1)
+def _matmul_tiled(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, N] -> [T, N] f32
+    """The product one block of columns at a time (a loop over blocks of about TILE_BYTES dequantized):
+    XLA:CPU cannot fuse the dequantization into its dot and writes the dequantized operand first, so
+    each block is written and read back while it is still in cache, never the whole weight."""
+    K, N = w.values.shape
+    cols = tile_columns(K, N)
+    full = N // cols
+
+    def block(lo: jax.Array | int, width: int) -> jax.Array:  # [T, width] f32
+        def cut(a: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice_in_dim(a, lo, width, axis=1)
+
+        offsets = None if w.offsets is None else cut(w.offsets)
+        return jnp.dot(x, _dequant(cut(w.values), cut(w.scales), offsets, 0, x.dtype),
+                       preferred_element_type=jnp.float32)
+
+    # a loop, also over few blocks: unrolled static slices measured 4x slower (XLA fuses them together)
+    y = jax.lax.map(lambda i: block(i * cols, cols), jnp.arange(full, dtype=jnp.int32))  # [full, T, cols]
+    y = y.transpose(1, 0, 2).reshape(x.shape[0], full * cols)
+    if full * cols < N:
+        y = jnp.concatenate([y, block(full * cols, N - full * cols)], axis=1)
+    return y
 
 
-MATMULS = {"dot": _matmul_dot, "reduce": _matmul_reduce}
+TILE_BYTES = 1 << 20  # a dequantized f32 block of about 1 MiB: in L2 on the CPUs measured (docs/benchmarks.md)
+
+
+def tile_columns(K: int, N: int) -> int:
+    """Columns per block of _matmul_tiled: the widest divisor of N whose f32 block fits TILE_BYTES (at
+    least 2 blocks), or that width with one narrower last block when N has no such divisor >= 32."""
+    limit = max(8, min(TILE_BYTES // (4 * K), N // 2))
+    for c in range(limit, 31, -1):
+        if N % c == 0:
+            return c
+    return limit
+
+
+MATMULS = {"dot": _matmul_dot, "tiled": _matmul_tiled}
 
 
 def matmul_kind(backend: str, tokens: int) -> str:
-    """Which MATMULS entry serves a quantized weight for `tokens` rows on `backend` (static at trace time).
-    XLA:CPU writes a dequantized copy of the weight before a dot, so few-row steps (decode) reduce instead."""
-    if backend == "cpu" and tokens <= CPU_REDUCE_MAX_TOKENS:
-        return "reduce"
-    return "dot"
-
-
-CPU_REDUCE_MAX_TOKENS = 8
+    """Which MATMULS entry serves a quantized weight for `tokens` rows on `backend` (static at trace time)."""
+    return "tiled" if backend == "cpu" else "dot"
 
 
 def embedding_rows(table: jax.Array | QuantizedWeight, ids: jax.Array, dtype: Any) -> jax.Array:
@@ -218,6 +241,20 @@ def concat_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
         offsets = np.concatenate([regroup(np.zeros(p.scales.shape, SCALE_DTYPE) if p.offsets is None
                                           else np.asarray(p.offsets, SCALE_DTYPE), p.group) for p in parts], axis=1)
     return QuantizedWeight(values, scales, offsets, 0)
+
+
+def device_storage(w: QuantizedWeight, platform: str) -> QuantizedWeight:
+    """A host QuantizedWeight in the value dtype to hold on `platform`. XLA:CPU converts int4/uint4
+    several times slower than int8 (docs/benchmarks.md), so the CPU holds 4-bit values as int8 (exact);
+    other platforms hold uint4 as int4: q - 8, with 8 * scale added to the offsets (1-ulp f32 rounding)."""
+    dtype = np.dtype(w.values.dtype)
+    if platform == "cpu" and dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        return replace(w, values=np.asarray(w.values).astype(np.int8))
+    if platform != "cpu" and dtype == np.dtype(ml_dtypes.uint4):
+        offsets = (0.0 if w.offsets is None else np.asarray(w.offsets, SCALE_DTYPE)) + 8 * np.asarray(w.scales)
+        values = (np.asarray(w.values).astype(np.int8) - 8).astype(ml_dtypes.int4)
+        return replace(w, values=values, offsets=offsets.astype(SCALE_DTYPE))
+    return w
 
 
 def host_map(w: QuantizedWeight, fn: Any) -> QuantizedWeight:
