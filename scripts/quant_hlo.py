@@ -35,7 +35,7 @@ _FLOATS = ("f32", "bf16", "f16")
 
 
 def parse(hlo: str) -> tuple[dict[str, list[tuple[str, str, int, str, str]]], set[str]]:
-    """Computations -> their instructions (name, dtype, elements, opcode, rest), and the fused ones."""
+    """Computations -> their instructions (name, dtype, sorted dims, opcode, rest), and the fused ones."""
     comps: dict[str, list] = {}
     fused: set[str] = set()
     current = None
@@ -47,26 +47,26 @@ def parse(hlo: str) -> tuple[dict[str, list[tuple[str, str, int, str, str]]], se
         m = _INSTR.match(line)
         if m and current is not None:
             name, dtype, dims, op, rest = m.groups()
-            n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-            current.append((name, dtype, n, op, rest))
+            shape = tuple(sorted(int(d) for d in dims.split(",") if d))
+            current.append((name, dtype, shape, op, rest))
             if op == "fusion":
                 fused.update(re.findall(r"calls=%([\w.\-]+)", rest))
     return comps, fused
 
 
-def check(hlo: str, weight_sizes: set[int]) -> tuple[collections.Counter, list[str]]:
+def check(hlo: str, weight_shapes: set[tuple[int, ...]]) -> tuple[collections.Counter, list[str]]:
     comps, fused = parse(hlo)
     ops: collections.Counter = collections.Counter()
     copies = []
     for cname, instrs in comps.items():
         if cname in fused:
             continue
-        for name, dtype, n, op, rest in instrs:
+        for name, dtype, shape, op, rest in instrs:
             kind = re.search(r"kind=(\w+)", rest)
             cfg = re.search(r'"kind":"(\w+)"', rest) or re.search(r'custom_call_target="([^"]+)"', rest)
             ops[op + (f":{kind.group(1)}" if kind else "") + (f":{cfg.group(1)}" if cfg else "")] += 1
-            if dtype in _FLOATS and n in weight_sizes and op not in ("parameter", "get-tuple-element", "bitcast"):
-                copies.append(f"{cname}: %{name} = {dtype}[{n} elements] {op} {rest[:160]}")
+            if dtype in _FLOATS and shape in weight_shapes and op not in ("parameter", "get-tuple-element", "bitcast"):
+                copies.append(f"{cname}: %{name} = {dtype}{list(shape)} {op} {rest[:160]}")
     return ops, copies
 
 
@@ -85,7 +85,7 @@ def main() -> None:
                         quantization=args.quantization)
     model, cfg = loaded.model, loaded.config
     qweights = {n: w for n, w in model.flat_params().items() if isinstance(w, QuantizedWeight)}
-    sizes = {int(np.prod(w.shape)) for w in qweights.values()}
+    shapes = {tuple(sorted(w.shape)) for w in qweights.values()}  # a dequantized copy, in either layout
     print(f"# {jax.default_backend()} ({jax.devices()[0].device_kind}), {loaded.source}, quantization "
           f"{loaded.quantization}: {len(qweights)} quantized weights "
           f"({', '.join(sorted({str(w.values.dtype) for w in qweights.values()}))})")
@@ -125,7 +125,7 @@ def main() -> None:
                   f"{wbytes / best / 1e9:.0f} GB/s if every weight byte is read once)")
         if args.show_hlo:
             print(hlo)
-        ops, copies = check(hlo, sizes)
+        ops, copies = check(hlo, shapes)
         print(f"\n## T={T}: op summary outside fusions (opcode:fusion kind:backend config)")
         for op, n in sorted(ops.items(), key=lambda kv: -kv[1]):
             if any(k in op for k in ("fusion", "dot", "custom-call", "convert", "while", "copy")):

@@ -78,7 +78,8 @@ def test_matmuls_equal_the_dequantized_product(impl, fmt):
     table = w.T  # [N, K] rows: an embedding table grouped along its rows
     np.testing.assert_array_equal(np.asarray(embedding_rows(table, jnp.array([5, 0, 5]), jnp.float32)),
                                   np.asarray(w.dequantize()).T[[5, 0, 5]])
-    np.testing.assert_allclose(np.asarray(dense(x, table.T)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dense(x, table)), want, rtol=1e-5, atol=1e-5)  # contracts in place
+    np.testing.assert_allclose(np.asarray(MATMULS[impl](x, table)), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxradix.models.model_config import ModelConfig
-from jaxradix.models.quantization import dense, embedding_rows
+from jaxradix.models.quantization import dense, embedding_rows, is_quantized
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.reference import ragged_paged_attention, write_kv
 
@@ -213,5 +213,7 @@ class LlamaForCausalLM(nnx.Module):
         return jax.lax.psum(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)), tp_axis)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [N, H] -> [N, V] f32 (per shard: [N, V/tp])
-        w = self.embed.get_value().T if self.cfg.tie_word_embeddings else self.lm_head.get_value()
-        return dense(hidden, w).astype(jnp.float32)
+        if not self.cfg.tie_word_embeddings:
+            return dense(hidden, self.lm_head.get_value()).astype(jnp.float32)
+        table = self.embed.get_value()  # [V, H]; a QuantizedWeight table contracts its H axis in place
+        return dense(hidden, table if is_quantized(table) else table.T).astype(jnp.float32)

@@ -74,6 +74,7 @@ class QuantizedWeight:
 
     @property
     def T(self) -> QuantizedWeight:  # noqa: N802 (numpy's name)
+        """The same linear map with its storage transposed (HF [out, in] -> [in, out] at load)."""
         return QuantizedWeight(self.values.T, self.scales.T, None if self.offsets is None else self.offsets.T,
                                1 - self.axis)
 
@@ -106,42 +107,46 @@ def _dequant(values: jax.Array, scales: jax.Array, offsets: jax.Array | None, ax
 
 
 def dense(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N] in x's dtype: THE matmul of the model, for plain and quantized
-    weights (a quantized one goes to the matmul MATMULS[matmul_kind(...)] picks)."""
+    """x [..., K] times the weight -> [..., N] in x's dtype: THE matmul of the model, for plain and
+    quantized weights. A plain w is [K, N]. A QuantizedWeight contracts its own axis: [K, N] (axis 0),
+    or an embedding table [N, K] (axis 1: the tied logits, read in place, never transposed)."""
     if not isinstance(w, QuantizedWeight):
         return x @ w
-    if w.axis != 0:
-        raise ValueError("dense: a QuantizedWeight with its contraction on axis 1 is an embedding table; "
-                         "use its .T for the tied logits")
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)  # [T, K]
     y = MATMULS[matmul_kind(jax.default_backend(), x2.shape[0])](x2, w)  # [T, N] f32
-    return y.astype(x.dtype).reshape(*lead, w.shape[1])
+    return y.astype(x.dtype).reshape(*lead, w.shape[1 - w.axis])
 
 
-def _matmul_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, N] -> [T, N] f32
+def _contract(x: jax.Array, w: jax.Array, axis: int) -> jax.Array:  # [T, K] . w contracting axis -> [T, N] f32
+    return jax.lax.dot_general(x, w, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _matmul_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] -> [T, N] f32
     """One dot with the weight dequantized in its operand (GPU/TPU: XLA fuses the convert and the scale
     broadcast into the dot). Per-channel scales multiply the dot's output instead."""
-    if w.scales.shape[0] == 1 and w.offsets is None:
-        return jnp.dot(x, w.values.astype(x.dtype), preferred_element_type=jnp.float32) * w.scales[0]
-    return jnp.dot(x, w.dequantize(x.dtype), preferred_element_type=jnp.float32)
+    if w.scales.shape[w.axis] == 1 and w.offsets is None:
+        scales = w.scales.reshape(-1)  # [N]
+        return _contract(x, w.values.astype(x.dtype), w.axis) * scales
+    return _contract(x, w.dequantize(x.dtype), w.axis)
 
 
-def _matmul_tiled(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] x [K, N] -> [T, N] f32
-    """The product one block of columns at a time (a loop over blocks of about TILE_BYTES dequantized):
-    XLA:CPU cannot fuse the dequantization into its dot and writes the dequantized operand first, so
-    each block is written and read back while it is still in cache, never the whole weight."""
-    K, N = w.values.shape
+def _matmul_tiled(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] -> [T, N] f32
+    """The product one block of output channels at a time (a loop over blocks of about TILE_BYTES
+    dequantized): XLA:CPU cannot fuse the dequantization into its dot and writes the dequantized
+    operand first, so each block is written and read back while it is still in cache, never the
+    whole weight."""
+    out_axis = 1 - w.axis
+    K, N = w.values.shape[w.axis], w.values.shape[out_axis]
     cols = tile_columns(K, N)
     full = N // cols
 
     def block(lo: jax.Array | int, width: int) -> jax.Array:  # [T, width] f32
         def cut(a: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_slice_in_dim(a, lo, width, axis=1)
+            return jax.lax.dynamic_slice_in_dim(a, lo, width, axis=out_axis)
 
         offsets = None if w.offsets is None else cut(w.offsets)
-        return jnp.dot(x, _dequant(cut(w.values), cut(w.scales), offsets, 0, x.dtype),
-                       preferred_element_type=jnp.float32)
+        return _contract(x, _dequant(cut(w.values), cut(w.scales), offsets, w.axis, x.dtype), w.axis)
 
     # a loop, also over few blocks: unrolled static slices measured 4x slower (XLA fuses them together)
     y = jax.lax.map(lambda i: block(i * cols, cols), jnp.arange(full, dtype=jnp.int32))  # [full, T, cols]
