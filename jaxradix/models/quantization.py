@@ -98,9 +98,20 @@ def _expand(a: jax.Array, axis: int, group: int) -> jax.Array:
     return b.reshape(shape)
 
 
-def _dequant(values: jax.Array, scales: jax.Array, offsets: jax.Array | None, axis: int, dtype: Any) -> jax.Array:
+_FP8_BITS = jnp.uint8  # float8_e4m3fn values as their bit patterns (XLA:CPU's tiled path)
+
+
+def _values_f32(values: jax.Array, fp8_bits: bool = False) -> jax.Array:
+    if fp8_bits:  # uint8 bit patterns of float8_e4m3fn: a 256-entry table decodes them
+        table = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        return jnp.asarray(table)[values.astype(jnp.int32)]
+    return values.astype(jnp.float32)
+
+
+def _dequant(values: jax.Array, scales: jax.Array, offsets: jax.Array | None, axis: int, dtype: Any,
+             fp8_bits: bool = False) -> jax.Array:
     group = values.shape[axis] // scales.shape[axis]
-    w = values.astype(jnp.float32) * _expand(scales, axis, group)
+    w = _values_f32(values, fp8_bits) * _expand(scales, axis, group)
     if offsets is not None:
         w = w + _expand(offsets, axis, group)
     return w.astype(dtype)
@@ -140,13 +151,18 @@ def _matmul_tiled(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] -> [
     K, N = w.values.shape[w.axis], w.values.shape[out_axis]
     cols = tile_columns(K, N)
     full = N // cols
+    # XLA:CPU has no f8 arithmetic: it would upcast a whole f8 weight to f16 ahead of the loop, so f8
+    # values enter the loop as their bits and a table decodes each block
+    fp8_bits = jnp.dtype(w.values.dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    values = jax.lax.bitcast_convert_type(w.values, _FP8_BITS) if fp8_bits else w.values
 
     def block(lo: jax.Array | int, width: int) -> jax.Array:  # [T, width] f32
         def cut(a: jax.Array) -> jax.Array:
             return jax.lax.dynamic_slice_in_dim(a, lo, width, axis=out_axis)
 
         offsets = None if w.offsets is None else cut(w.offsets)
-        return _contract(x, _dequant(cut(w.values), cut(w.scales), offsets, w.axis, x.dtype), w.axis)
+        deq = _dequant(cut(values), cut(w.scales), offsets, w.axis, x.dtype, fp8_bits)
+        return _contract(x, deq, w.axis)
 
     # a loop, also over few blocks: unrolled static slices measured 4x slower (XLA fuses them together)
     y = jax.lax.map(lambda i: block(i * cols, cols), jnp.arange(full, dtype=jnp.int32))  # [full, T, cols]
