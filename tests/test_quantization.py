@@ -63,13 +63,15 @@ def test_channel_quantization_error_bound(kind):
 
 
 @pytest.mark.parametrize("impl", sorted(MATMULS))
-@pytest.mark.parametrize("fmt", ["channel", "group", "group+offsets", "int4"])
+@pytest.mark.parametrize("fmt", ["channel", "group", "group+offsets", "int4", "fp8"])
 def test_matmuls_equal_the_dequantized_product(impl, fmt):
     rng = np.random.default_rng(1)
     K, N, G = 64, 27, 2  # N = 2 blocks of 13 columns + 1 (tiled_columns)
-    scales = jnp.asarray(rng.uniform(0.01, 0.1, (1 if fmt == "channel" else G, N)), jnp.float32)
+    scales = jnp.asarray(rng.uniform(0.01, 0.1, (1 if fmt in ("channel", "fp8") else G, N)), jnp.float32)
     offsets = jnp.asarray(rng.uniform(-0.1, 0.1, (G, N)), jnp.float32) if fmt == "group+offsets" else None
     values = jnp.asarray(rng.integers(-8, 8, (K, N)), jnp.int4 if fmt == "int4" else jnp.int8)
+    if fmt == "fp8":
+        values = jnp.asarray(rng.standard_normal((K, N)) * 100, jnp.float8_e4m3fn)
     w = QuantizedWeight(values, scales, offsets)
     x = jnp.asarray(rng.standard_normal((3, K)), jnp.float32)
     want = np.asarray(x) @ np.asarray(w.dequantize())
