@@ -37,12 +37,12 @@ def formats() -> None:
     gguf_times = []
     for _ in range(2):
         gguf_file._cached_reader.cache_clear()  # measure the whole parse, not the in-process cache
-        gguf_times.append(load_model(None, progress=False).load_seconds)
+        gguf_times.append(load_model(None, progress=False, quantization="none").load_seconds)
     with tempfile.TemporaryDirectory() as d:
-        save_orbax(load_model(None, progress=False), d + "/ckpt")
+        save_orbax(load_model(None, progress=False, quantization="none"), d + "/ckpt")
         orbax_times = [load_model(d + "/ckpt").load_seconds for _ in range(2)]
-    engine = Engine(None, max_running_requests=1, chunked_prefill_size=64, max_total_tokens=4096,
-                    context_length=1024, log_level="warning")
+    engine = Engine(None, quantization="none", max_running_requests=1, chunked_prefill_size=64,
+                    max_total_tokens=4096, context_length=1024, log_level="warning")
     sp = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
     engine.generate("The capital of France is", SamplingParams(temperature=0, max_new_tokens=8))
     start = time.perf_counter()

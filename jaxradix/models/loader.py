@@ -105,11 +105,14 @@ def detect_format(path: Path) -> str:
                      f"config.json and *.safetensors, or an orbax checkpoint made by scripts/convert.py")
 
 
-def resolve_quantization(quantization: str | None, load_format: str) -> str:
-    """None: "none" (dense weights in the load dtype; a GGUF file dequantized at load). "gguf" keeps a
-    GGUF file's quantized blocks; "int8"/"fp8" quantize any source per output channel at load."""
+def resolve_quantization(quantization: str | None, load_format: str, platform: str | None = None) -> str:
+    """None: a GGUF file keeps its quantized blocks on CPU ("gguf": exact and faster there, see
+    docs/benchmarks.md) and is dequantized at load elsewhere (not yet measured on a GPU); every other
+    source loads dense ("none"). "gguf" needs a GGUF file; "int8"/"fp8" quantize any source per output
+    channel at load."""
     if quantization is None:
-        return "none"
+        cpu = (platform or jax.default_backend()) == "cpu"
+        return "gguf" if load_format == "gguf" and cpu else "none"
     check_quantization(quantization)
     if quantization == "gguf" and load_format != "gguf":
         raise ValueError(f"quantization 'gguf' keeps a GGUF file's quantized blocks; this model loads as "
@@ -122,7 +125,7 @@ def load_model(model_path: str | Path | None = None, *, load_format: str = "auto
                quantization: str | None = None) -> LoadedModel:
     """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct.
     tp_size > 1: every weight goes straight into its shards on a mesh of tp_size devices.
-    quantization: one of QUANTIZATIONS, or None (GGUF: "gguf", else "none"), see resolve_quantization."""
+    quantization: one of QUANTIZATIONS, or None (a GGUF on CPU: "gguf", else "none"): resolve_quantization."""
     from jaxradix.models.embedded import embedded_model_path
     from jaxradix.models.hub import is_hub_id, resolve_model_path
 
@@ -345,7 +348,8 @@ def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
                          "unsharded layout)")
     if loaded.quantization != "none":
         raise ValueError(f"save_orbax: load the model with quantization='none' to convert it (checkpoints "
-                         f"hold dense weights; quantization {loaded.quantization!r} is applied at load)")
+                         f"hold dense weights; quantization {loaded.quantization!r} is applied at load, and a "
+                         f"GGUF file on CPU keeps its blocks by default)")
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     state = _nest(loaded.model.flat_params())

@@ -157,7 +157,7 @@ class TensorParallel:
         spec = self.layout.spec(name.rsplit(".", 1)[-1])
         if shape is None:
             return spec
-        axes = [None if shape[i] == 1 else a for i, a in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec)))]
+        axes = [None if shape[i] == 1 else a for i, a in enumerate(spec)]
         for i, a in enumerate(axes):
             if a is not None and shape[i] % self.tp:
                 raise ValueError(f"tp_size={self.tp}: parameter {name!r} has {shape[i]} entries along the axis "
