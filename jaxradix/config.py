@@ -12,6 +12,7 @@ ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")  # = pallas_ker
 GRAMMAR_BACKENDS = ("llguidance", "none")
 # the quantized ones store values + per-token-head scales (pallas_kernels/quantized_kv.py)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2", "int8")
+QUANTIZATIONS = ("none", "int8", "fp8", "gguf")  # = models.quantization.QUANTIZATIONS
 
 
 def default_cache_dir() -> str:
@@ -25,6 +26,8 @@ class EngineConfig:
     load_format: str = "auto"
     dtype: str = "auto"  # auto: the checkpoint's dtype; f32 checkpoints and GGUF serve in bf16 on GPU/TPU
     kv_cache_dtype: str = "auto"  # auto: the weights' dtype; fp8_e4m3|fp8_e5m2|int8: quantized pages
+    # weights on the device: None/"none" dense; int8/fp8 per channel at load; gguf keeps a GGUF's blocks
+    quantization: str | None = None
     context_length: int | None = None  # None: the model's max_position_embeddings (capped by the pool)
     page_size: int = 16
     max_total_tokens: int | None = None  # KV pool size in tokens; None: mem_fraction_static of free memory
@@ -71,6 +74,8 @@ class EngineConfig:
               f"must be one of {ATTENTION_BACKENDS}")
         check(self.grammar_backend in GRAMMAR_BACKENDS, "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}")
         check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
+        check(self.quantization is None or self.quantization in QUANTIZATIONS, "quantization",
+              f"must be one of {QUANTIZATIONS}")
         check(self.hicache_size >= 0, "hicache_size", "must be >= 0 (GB; 0 uses hicache_ratio)")
         check(self.hicache_ratio > 0, "hicache_ratio", "must be > 0")
         check(self.context_length is None or self.context_length >= 16, "context_length", "must be >= 16")

@@ -20,7 +20,14 @@ import threading
 import time
 from typing import Any
 
-from jaxradix.config import ATTENTION_BACKENDS, GRAMMAR_BACKENDS, KV_CACHE_DTYPES, SCHEDULE_POLICIES, EngineConfig
+from jaxradix.config import (
+    ATTENTION_BACKENDS,
+    GRAMMAR_BACKENDS,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    SCHEDULE_POLICIES,
+    EngineConfig,
+)
 from jaxradix.server.data_parallel import ALL_POLICIES
 from jaxradix.sglang_flags import BOOL_FLAGS, VALUE_FLAGS
 
@@ -36,6 +43,7 @@ ENGINE_FLAGS = {
     "chunked_prefill_size": "chunked_prefill_size", "page_size": "page_size",
     "schedule_policy": "schedule_policy", "load_format": "load_format", "context_length": "context_length",
     "dtype": "dtype", "kv_cache_dtype": "kv_cache_dtype", "attention_backend": "attention_backend",
+    "quantization": "quantization",
     "grammar_backend": "grammar_backend", "hicache_size": "hicache_size", "hicache_ratio": "hicache_ratio",
     "random_seed": "random_seed", "log_level": "log_level", "tp_size": "tp_size", "nnodes": "nnodes",
     "node_rank": "node_rank", "dist_init_addr": "dist_init_addr",
@@ -103,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
                      help="KV pool dtype (auto: the weights' dtype); fp8_e4m3, fp8_e5m2 and int8 store 1-byte "
                      "values with a bf16 scale per token and head: 1.94x the tokens of bf16 at head_dim 64")
+    eng.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                     help="weights on the device: int8 / fp8 (float8_e4m3fn) per output channel, quantized at "
+                     "load; gguf keeps a GGUF file's Q8_0/Q4_x/Q6_K blocks (default none: dense)")
     eng.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
     eng.add_argument("--grammar-backend", default=None, choices=GRAMMAR_BACKENDS)
     eng.add_argument("--random-seed", type=int, default=None)

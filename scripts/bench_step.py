@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M GGUF")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="weights: none, int8, fp8, gguf")
     ap.add_argument("--quick", action="store_true", help="tiny workloads (CPU)")
     ap.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,8,32,64,128")
     ap.add_argument("--sglang-prompts", type=int, default=None, help="prompts of SGLang's random workload (500)")
@@ -217,7 +218,8 @@ def main() -> None:
     max_running = max(max(opt.batches), opt.short_running)
     cpu = jax.default_backend() == "cpu"
     cache = args.compilation_cache_dir or tempfile.mkdtemp(prefix="jaxradix-bench-step-")
-    kw = dict(load_format=args.load_format, dtype=args.dtype, max_running_requests=max_running,
+    kw = dict(load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
+              max_running_requests=max_running,
               context_length=max(sg_in + sg_out, opt.decode_context) + 16, attention_backend=args.attention_backend,
               max_total_tokens=args.max_total_tokens or (8192 if cpu else None), compilation_cache_dir=cache,
               kv_cache_dtype=args.kv_cache_dtype,
@@ -226,9 +228,10 @@ def main() -> None:
         kw["chunked_prefill_size"] = args.chunked_prefill_size
     engine = Engine(args.model_path, **kw)
     mc, dev = engine.model_config, jax.devices()[0]
-    nparams = sum(a.size for a in engine.loaded.model.flat_params().values())
+    nparams = sum(int(np.prod(a.shape)) for a in engine.loaded.model.flat_params().values())
     print(f"# jaxradix step benchmark: {engine.loaded.source} ({mc.model_type}, {nparams / 1e9:.2f} B params, "
-          f"weights {engine.loaded.model.dtype}, KV {engine.pool.dtype}) on {jax.default_backend()} "
+          f"weights {engine.loaded.model.dtype} ({engine.loaded.quantization}), KV {engine.pool.dtype}) "
+          f"on {jax.default_backend()} "
           f"({dev.device_kind}; {platform.processor() or platform.machine()}), jax {jax.__version__}, "
           f"{engine.pool.capacity * engine.pool.page_size} KV tokens, max running {max_running}", flush=True)
     print(f"# {engine.memory.log_line()}", flush=True)

@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    loaded = load_model(args.model_path, dtype=args.dtype)
+    loaded = load_model(args.model_path, dtype=args.dtype, quantization="none")  # checkpoints hold dense weights
     start = time.perf_counter()
     out = save_orbax(loaded, args.out)
     print(f"converted {loaded.source} ({loaded.load_format}, {loaded.load_seconds:.2f} s) -> {out} "

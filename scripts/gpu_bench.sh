@@ -37,3 +37,7 @@ part step "${STEP_LIMIT:-300}" python3 scripts/bench_step.py --model-path script
 part kernels "${KERNELS_LIMIT:-170}" python3 scripts/bench_kernels.py --parts decode,extend --contexts 1024 2048 8192
 part sampler "${SAMPLER_LIMIT:-45}" python3 scripts/bench_sampler.py --iters 5
 part baseline "${BASELINE_LIMIT:-70}" python3 .baseline/b1.py
+# quantized weights (issue 14): where the step dequantizes (exit 1: a dequantized weight copy), ms per step
+part quant "${QUANT_LIMIT:-420}" bash -c 'rc=0; for q in none int8 fp8; do python3 scripts/quant_hlo.py \
+  --model-path scripts/configs/llama-3.1-8b --load-format dummy --quantization $q --tokens 1 8 256 --time 20 || rc=1; \
+  done; exit $rc'

@@ -112,8 +112,15 @@ def test_name_mapping() -> None:
 N_HEADS, N_KV, HEAD_DIM, HIDDEN, FFN, VOCAB = 4, 2, 8, 32, 64, 40
 
 
-def _write_tiny(path: Path, arch: str, tensors: dict[str, np.ndarray], raw_types: dict[str, Q] | None = None):
+def _write_tiny(path: Path, arch: str, tensors: dict[str, np.ndarray], raw_types: dict[str, Q] | None = None,
+                tokens: list[str] | None = None):
+    """tokens: a byte-level BPE vocabulary without merges (a file the engine can load), token 0 its EOS."""
     w = gguf.GGUFWriter(path, arch)
+    if tokens is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_merges([])
+        w.add_eos_token_id(0)
     w.add_block_count(1)
     w.add_context_length(128)
     w.add_embedding_length(HIDDEN)

@@ -126,7 +126,7 @@ class Engine:
         self.is_leader = multihost.is_leader()
         self.failure: str | None = None  # why the engine stopped on its own (a lost rank)
         self.loaded = load_model(model_path, load_format=cfg.load_format, dtype=cfg.dtype, seed=cfg.random_seed,
-                                 tp_size=cfg.tp_size)
+                                 tp_size=cfg.tp_size, quantization=cfg.quantization)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         dtype = kv_dtype(cfg.kv_cache_dtype, self.loaded.model.dtype)

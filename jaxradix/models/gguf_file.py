@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
+from jaxradix.models.quantization import QuantizedWeight, host_map
 from jaxradix.tokenizer import Tokenizer, tokenizer_from_gguf_reader
 
 Q = GGMLQuantizationType
@@ -57,22 +59,22 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _deq_q8_0(b: np.ndarray) -> np.ndarray:  # b: [N, 34]
-    d = _f16(b[:, 0:2])
-    q = np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.float32)  # [N, 32]
-    return q * d[:, None]
+# Each decoder: [N, block bytes] -> (q [N, B] integers, scales [N, B/g] f32, offsets [N, B/g] f32 or
+# None), B the block's entries and g its group; a value is q * scale (+ offset), all in f32.
+Decoded = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
-def _deq_q4_0(b: np.ndarray) -> np.ndarray:  # b: [N, 18]
-    d = _f16(b[:, 0:2])
-    q = _nibbles(b[:, 2:]).astype(np.float32) - 8.0  # [N, 32]
-    return q * d[:, None]
+def _dec_q8_0(b: np.ndarray) -> Decoded:  # b: [N, 34]
+    return np.ascontiguousarray(b[:, 2:]).view(np.int8), _f16(b[:, 0:2])[:, None], None  # q: [N, 32]
 
 
-def _deq_q4_1(b: np.ndarray) -> np.ndarray:  # b: [N, 20]
-    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 4:]).astype(np.float32)  # [N, 32]
-    return q * d[:, None] + m[:, None]
+def _dec_q4_0(b: np.ndarray) -> Decoded:  # b: [N, 18]
+    q = _nibbles(b[:, 2:]).astype(np.int8) - 8  # [N, 32] in [-8, 7]
+    return q.astype(ml_dtypes.int4), _f16(b[:, 0:2])[:, None], None
+
+
+def _dec_q4_1(b: np.ndarray) -> Decoded:  # b: [N, 20]
+    return _nibbles(b[:, 4:]).astype(ml_dtypes.uint4), _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
 
 
 def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,18 +89,17 @@ def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales.astype(np.float32), mins.astype(np.float32)
 
 
-def _deq_q4_k(b: np.ndarray) -> np.ndarray:  # b: [N, 144]
+def _dec_q4_k(b: np.ndarray) -> Decoded:  # b: [N, 144]
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     scales, mins = _q4_k_scales(b[:, 4:16])
     qs = b[:, 16:].reshape(n, 4, 32)
     # each 32-byte chunk c gives sub-block 2c (low nibbles) and 2c+1 (high nibbles)
-    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
-    y = q * (d[:, None] * scales)[:, :, None] - (dmin[:, None] * mins)[:, :, None]
-    return y.reshape(n, 256)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 256)
+    return q.astype(ml_dtypes.uint4), d[:, None] * scales, -(dmin[:, None] * mins)  # groups of 32
 
 
-def _deq_q6_k(b: np.ndarray) -> np.ndarray:  # b: [N, 210]
+def _dec_q6_k(b: np.ndarray) -> Decoded:  # b: [N, 210]
     n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 1, 2, 32)  # [N, half, -, chunk, l]
     qh = b[:, 128:192].reshape(n, 2, 1, 32)  # [N, half, -, l]
@@ -108,14 +109,22 @@ def _deq_q6_k(b: np.ndarray) -> np.ndarray:  # b: [N, 210]
     # taking their top 2 bits from qh bit pairs 0, 1, 2, 3
     low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 2, 4, 32)
     high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]) & 3  # [N, 2, 4, 32]
-    q = (low | (high << 4)).astype(np.float32) - 32.0
-    y = q.reshape(n, 16, 16) * (d[:, None] * scales)[:, :, None]  # one scale per 16 values
-    return y.reshape(n, 256)
+    q = (low | (high << 4)).astype(np.int8) - 32  # [N, 2, 4, 32] in [-32, 31]
+    return q.reshape(n, 256), d[:, None] * scales, None  # one scale per 16 values
 
 
-_DEQ_BLOCKS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
-    Q.Q8_0: _deq_q8_0, Q.Q4_0: _deq_q4_0, Q.Q4_1: _deq_q4_1, Q.Q4_K: _deq_q4_k, Q.Q6_K: _deq_q6_k,
+_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], Decoded]] = {
+    Q.Q8_0: _dec_q8_0, Q.Q4_0: _dec_q4_0, Q.Q4_1: _dec_q4_1, Q.Q4_K: _dec_q4_k, Q.Q6_K: _dec_q6_k,
 }
+
+
+def _apply(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """q [N, B], scales/offsets [N, G] -> [N, B] float32 (q * scale + offset per group)."""
+    n, g = scales.shape
+    y = q.astype(np.float32).reshape(n, g, -1) * scales[:, :, None]
+    if offsets is not None:
+        y = y + offsets[:, :, None]
+    return y.reshape(n, -1)
 
 
 def _unsupported(name: str, qtype: Any) -> ValueError:
@@ -155,8 +164,32 @@ def dequantize(
     elif qt == Q.BF16:
         out = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        out = _DEQ_BLOCKS[qt](data.reshape(-1, block_bytes))
+        out = _apply(*_DECODERS[qt](data.reshape(-1, block_bytes)))
     return out.reshape(shape)
+
+
+def is_block_quantized(qtype: GGMLQuantizationType | int) -> bool:
+    return int(qtype) in {int(q) for q in _DECODERS}
+
+
+def quantized_weight(raw: np.ndarray, qtype: GGMLQuantizationType | int, shape: tuple[int, int],
+                     name: str = "<tensor>") -> QuantizedWeight:
+    """A block-quantized 2-D tensor [rows, cols] (HF layout: [out, in]) kept as it is stored: a host
+    QuantizedWeight grouped along the columns (axis 1), values [rows, cols] int8/int4/uint4 and f32
+    scales (offsets) [rows, cols / group]. dequantize() of the same data gives exactly its values."""
+    qt = GGMLQuantizationType(int(qtype))
+    if qt not in _DECODERS or len(shape) != 2:
+        raise ValueError(f"GGUF tensor {name!r}: {qt.name} {tuple(shape)} is not a block-quantized matrix")
+    block_elems, block_bytes = _BLOCK[qt]
+    rows, cols = shape
+    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if cols % block_elems or data.size != rows * cols // block_elems * block_bytes:
+        raise ValueError(f"GGUF tensor {name!r} ({qt.name}, shape {tuple(shape)}): expected "
+                         f"{rows * cols // block_elems * block_bytes} bytes, got {data.size}")
+    q, scales, offsets = _DECODERS[qt](data.reshape(-1, block_bytes))
+    groups = cols // block_elems * scales.shape[1]
+    return QuantizedWeight(q.reshape(rows, cols), scales.reshape(rows, groups),
+                           None if offsets is None else offsets.reshape(rows, groups), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +358,8 @@ def check_tensor_types(reader: GGUFReader) -> None:
             raise _unsupported(t.name, t.tensor_type)
 
 
-def _iter_reader(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+def _iter_reader(reader: GGUFReader, config: dict[str, Any],
+                 keep_quantized: bool = False) -> Iterator[tuple[str, np.ndarray | QuantizedWeight]]:
     permuted = config["model_type"] in _PERMUTED_ARCHS
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     for t in reader.tensors:
@@ -333,12 +367,22 @@ def _iter_reader(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[s
             continue
         name = hf_tensor_name(t.name)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        w = dequantize(t.data, t.tensor_type, shape, t.name)
+        w: np.ndarray | QuantizedWeight
+        if keep_quantized and len(shape) == 2 and is_block_quantized(t.tensor_type):
+            w = quantized_weight(t.data, t.tensor_type, shape, t.name)  # rows stay rows: unpermuted alike
+        else:
+            w = dequantize(t.data, t.tensor_type, shape, t.name)
         if permuted and ".self_attn.q_proj." in name:
-            w = unpermute_llama_cpp(w, n_heads)
+            w = _unpermute(w, n_heads)
         elif permuted and ".self_attn.k_proj." in name:
-            w = unpermute_llama_cpp(w, n_kv)
+            w = _unpermute(w, n_kv)
         yield name, w
+
+
+def _unpermute(w: np.ndarray | QuantizedWeight, n_heads: int) -> np.ndarray | QuantizedWeight:
+    if isinstance(w, QuantizedWeight):
+        return host_map(w, lambda a: unpermute_llama_cpp(a, n_heads))
+    return unpermute_llama_cpp(w, n_heads)
 
 
 def iter_hf_tensors(path: str | Path | GGUFReader) -> Iterator[tuple[str, np.ndarray]]:
@@ -353,13 +397,15 @@ class GGUFModel:
     path: Path
     config: dict[str, Any]
     # each call streams the tensors anew: (HF name, float32 array)
-    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    tensors: Callable[[bool], Iterator[tuple[str, np.ndarray | QuantizedWeight]]]
     tokenizer: Tokenizer
     chat_template: str | None
     num_tensors: int  # how many (name, array) pairs `tensors()` yields
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        return self.tensors()
+    def iter_tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, np.ndarray | QuantizedWeight]]:
+        """(HF name, float32 array); with keep_quantized, block-quantized matrices come as host
+        QuantizedWeights in HF layout (grouped along axis 1) instead."""
+        return self.tensors(keep_quantized)
 
 
 def read_gguf(path: str | Path) -> GGUFModel:
@@ -369,7 +415,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(
         path=Path(path),
         config=config,
-        tensors=lambda: _iter_reader(reader, config),
+        tensors=lambda keep=False: _iter_reader(reader, config, keep),
         tokenizer=tokenizer_from_gguf_reader(reader),
         chat_template=_field(reader, "tokenizer.chat_template"),
         num_tensors=sum(t.name not in _NON_WEIGHTS for t in reader.tensors),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxradix.models.model_config import ModelConfig
+from jaxradix.models.quantization import dense, embedding_rows, is_quantized
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.reference import ragged_paged_attention, write_kv
 
@@ -118,10 +119,12 @@ class LlamaLayer(nnx.Module):
         # Head counts and widths come from the arrays: under tensor parallelism (inside shard_map,
         # tp_axis set) this layer sees its shard's heads and columns, and sums partial outputs.
         D = cfg.head_dim
-        NH, KH, I = self.wo.shape[0] // D, kv.shape[2] // 2, self.w_down.shape[0]
+        wqkv, wo, w_gate_up, w_down = (self.wqkv.get_value(), self.wo.get_value(), self.w_gate_up.get_value(),
+                                       self.w_down.get_value())  # arrays, or QuantizedWeights
+        NH, KH, I = wo.shape[0] // D, kv.shape[2] // 2, w_down.shape[0]
         reduce = (lambda y: jax.lax.psum(y, tp_axis)) if tp_axis else (lambda y: y)
         x = rms_norm(h, self.attn_norm[...], cfg.rms_norm_eps)
-        qkv = x @ self.wqkv[...]  # [T, (NH + 2*KH) * D]
+        qkv = dense(x, wqkv)  # [T, (NH + 2*KH) * D]
         if cfg.qkv_bias:
             qkv = qkv + self.bqkv[...]
         q = qkv[:, : NH * D].reshape(T, NH, D)
@@ -133,13 +136,13 @@ class LlamaLayer(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv = write_kv(kv, k, v, slot_mapping)
         o = attention_fn(q, kv, md, sm_scale=1.0 / math.sqrt(D), sliding_window=cfg.sliding_window)
-        o = reduce(o.reshape(T, NH * D) @ self.wo[...])  # [T, H]
+        o = reduce(dense(o.reshape(T, NH * D), wo))  # [T, H]
         if cfg.o_bias:
             o = o + self.bo[...]
         h = h + o
         x = rms_norm(h, self.mlp_norm[...], cfg.rms_norm_eps)
-        gate_up = x @ self.w_gate_up[...]  # [T, 2*I]
-        h = h + reduce((jax.nn.silu(gate_up[:, :I]) * gate_up[:, I:]) @ self.w_down[...])
+        gate_up = dense(x, w_gate_up)  # [T, 2*I]
+        h = h + reduce(dense(jax.nn.silu(gate_up[:, :I]) * gate_up[:, I:], w_down))
         return h, kv
 
 
@@ -163,16 +166,17 @@ class LlamaForCausalLM(nnx.Module):
             [LlamaLayer(cfg, {n: params[f"layers.{i}.{n}"] for n in names}) for i in range(cfg.num_layers)])
 
     @property
-    def dtype(self) -> Any:
-        return self.embed[...].dtype
+    def dtype(self) -> Any:  # the activations' (and unquantized weights') dtype
+        return self.final_norm[...].dtype
 
-    def flat_params(self) -> dict[str, jax.Array]:
-        """The parameters by the flat names of param_shapes (the inverse of the constructor)."""
-        out = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
+    def flat_params(self) -> dict[str, Any]:
+        """The parameters by the flat names of param_shapes (the inverse of the constructor): arrays, or
+        QuantizedWeights for quantized weights."""
+        out = {"embed": self.embed.get_value(), "final_norm": self.final_norm.get_value()}
         if not self.cfg.tie_word_embeddings:
-            out["lm_head"] = self.lm_head[...]
+            out["lm_head"] = self.lm_head.get_value()
         for i, layer in enumerate(self.layers):
-            out |= {f"layers.{i}.{n}": getattr(layer, n)[...] for n in layer_param_shapes(self.cfg)}
+            out |= {f"layers.{i}.{n}": getattr(layer, n).get_value() for n in layer_param_shapes(self.cfg)}
         return out
 
     def __call__(
@@ -200,14 +204,16 @@ class LlamaForCausalLM(nnx.Module):
         return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps), tuple(new_kv)
 
     def embed_tokens(self, input_ids: jax.Array, tp_axis: str | None) -> jax.Array:  # [T] -> [T, H]
-        table = self.embed[...]  # [V, H], or this shard's [V/tp, H] rows (vocab-parallel)
+        table = self.embed.get_value()  # [V, H], or this shard's [V/tp, H] rows (vocab-parallel)
         if tp_axis is None or table.shape[0] == self.cfg.vocab_size:
-            return table[input_ids]
+            return embedding_rows(table, input_ids, self.dtype)
         local = input_ids - jax.lax.axis_index(tp_axis) * table.shape[0]
         mine = (local >= 0) & (local < table.shape[0])
-        rows = table[jnp.clip(local, 0, table.shape[0] - 1)]
+        rows = embedding_rows(table, jnp.clip(local, 0, table.shape[0] - 1), self.dtype)
         return jax.lax.psum(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)), tp_axis)
 
     def logits(self, hidden: jax.Array) -> jax.Array:  # [N, H] -> [N, V] f32 (per shard: [N, V/tp])
-        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return (hidden @ w).astype(jnp.float32)
+        if not self.cfg.tie_word_embeddings:
+            return dense(hidden, self.lm_head.get_value()).astype(jnp.float32)
+        table = self.embed.get_value()  # [V, H]; a QuantizedWeight table contracts its H axis in place
+        return dense(hidden, table if is_quantized(table) else table.T).astype(jnp.float32)

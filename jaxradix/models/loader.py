@@ -23,6 +23,15 @@ from tqdm.auto import tqdm
 
 from jaxradix.models.llama import LlamaForCausalLM, fused_parts, param_shapes
 from jaxradix.models.model_config import ModelConfig
+from jaxradix.models.quantization import (
+    QuantizedWeight,
+    channel_axis,
+    check_quantization,
+    concat_columns,
+    device_storage,
+    quantize_channels,
+    quantizes,
+)
 from jaxradix.parallel.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -68,6 +77,7 @@ class LoadedModel:
     load_format: str
     load_seconds: float
     tp: TensorParallel | None = None  # the mesh and layout the weights are sharded with (tp_size > 1)
+    quantization: str = "none"  # how the weights are stored on the device (models/quantization.py)
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32",
@@ -95,10 +105,26 @@ def detect_format(path: Path) -> str:
                      f"config.json and *.safetensors, or an orbax checkpoint made by scripts/convert.py")
 
 
+def resolve_quantization(quantization: str | None, load_format: str) -> str:
+    """None: "none", dense weights (a GGUF file dequantized at load). Keeping a GGUF's blocks ("gguf")
+    is exact and decodes one request 1.4x faster on CPU, but compiles each step ~1.8x longer and
+    prefills no faster (docs/benchmarks.md), so it is asked for, not the default. "gguf" needs a GGUF
+    file; "int8"/"fp8" quantize any source per output channel at load."""
+    if quantization is None:
+        return "none"
+    check_quantization(quantization)
+    if quantization == "gguf" and load_format != "gguf":
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's quantized blocks; this model loads as "
+                         f"{load_format!r} (use int8, fp8 or none)")
+    return quantization
+
+
 def load_model(model_path: str | Path | None = None, *, load_format: str = "auto", dtype: str = "auto",
-               seed: int = 0, progress: bool = True, tp_size: int = 1) -> LoadedModel:
+               seed: int = 0, progress: bool = True, tp_size: int = 1,
+               quantization: str | None = None) -> LoadedModel:
     """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct.
-    tp_size > 1: every weight goes straight into its shards on a mesh of tp_size devices."""
+    tp_size > 1: every weight goes straight into its shards on a mesh of tp_size devices.
+    quantization: one of QUANTIZATIONS, or None ("none"): see resolve_quantization."""
     from jaxradix.models.embedded import embedded_model_path
     from jaxradix.models.hub import is_hub_id, resolve_model_path
 
@@ -115,17 +141,31 @@ def load_model(model_path: str | Path | None = None, *, load_format: str = "auto
     fmt = load_format
     if fmt == "auto":
         fmt = detect_format(path)
+    quant = resolve_quantization(quantization, fmt)
     if fmt == "gguf":
-        loaded = _load_gguf(path, dtype, progress, tp_size)
+        loaded = _load_gguf(path, dtype, progress, tp_size, quant)
     elif fmt == "orbax":
-        loaded = _load_orbax(path, tp_size)
+        loaded = _load_orbax(path, tp_size, quant)
     elif fmt == "safetensors":
-        loaded = _load_safetensors(path, dtype, progress, tp_size)
+        loaded = _load_safetensors(path, dtype, progress, tp_size, quant)
     else:
-        loaded = _load_dummy(path, dtype, seed, tp_size)
+        loaded = _load_dummy(path, dtype, seed, tp_size, quant)
+    loaded.quantization = quant
     loaded.load_seconds = time.perf_counter() - start
-    logger.info("loaded %s (%s) in %.2f s", path, fmt, loaded.load_seconds)
+    logger.info("loaded %s (%s, quantization %s) in %.2f s", path, fmt, quant, loaded.load_seconds)
     return loaded
+
+
+_QUANTIZE_JIT = jax.jit(quantize_channels, static_argnames=("kind", "axis"))
+
+
+def _quantized(name: str, w: Any, quantization: str, tp: TensorParallel | None) -> Any:
+    """A placed weight as served under `quantization`: int8/fp8 quantize the matmul weights and the
+    embedding table per channel on the device (sharded like the weight); the rest is unchanged."""
+    if not quantizes(name, quantization) or isinstance(w, QuantizedWeight):
+        return w
+    kw = dict(kind=quantization, axis=channel_axis(name))
+    return tp.transform(name, quantize_channels, w, **kw) if tp is not None else _QUANTIZE_JIT(w, **kw)
 
 
 def _hf_config_of(path: Path) -> dict[str, Any]:
@@ -145,17 +185,21 @@ def _try_tokenizer(path: Path) -> Any:
 
 
 class _ParamBuilder:
-    """Host buffers of the target dtype, filled one HF tensor at a time (fused parameters part by part)."""
+    """Host buffers of the target dtype, filled one HF tensor at a time (fused parameters part by part).
+    A GGUF kept quantized hands in host QuantizedWeights instead, held as they are until build()."""
 
-    def __init__(self, cfg: ModelConfig, dtype: Any, tp: TensorParallel | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: Any, tp: TensorParallel | None = None, quantization: str = "none"):
         self.cfg = cfg
         self.tp = tp
+        self.quantization = quantization
         self.np_dtype = np.dtype(dtype)
+        # np.zeros takes no memory until written: a buffer a quantized tensor replaces costs nothing
         self.buffers = {n: np.zeros(s, self.np_dtype) for n, s in param_shapes(cfg).items()}
+        self.quantized: dict[str, dict[int, QuantizedWeight]] = {}  # flat name -> part -> [K, N_part] or table
         self.parts = fused_parts(cfg)
         self.filled: set[tuple[str, int]] = set()  # (flat name, part)
 
-    def add(self, hf_name: str, tensor: np.ndarray) -> None:
+    def add(self, hf_name: str, tensor: np.ndarray | QuantizedWeight) -> None:
         if "rotary_emb" in hf_name:
             return
         if hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
@@ -181,21 +225,46 @@ class _ParamBuilder:
             widths = self.parts[param]
             lo = sum(widths[:part])
             target = target[..., lo:lo + widths[part]]
-        if value.shape != target.shape:
-            raise ValueError(f"tensor {hf_name!r} has shape {tensor.shape}, the config implies "
+        if tuple(value.shape) != target.shape:
+            raise ValueError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, the config implies "
                              f"{target.shape[::-1] if transpose else target.shape}")
-        target[...] = value.astype(self.np_dtype)
+        if isinstance(value, QuantizedWeight):
+            self.quantized.setdefault(name, {})[part or 0] = value
+        else:
+            target[...] = value.astype(self.np_dtype)
         self.filled.add((name, part or 0))
 
-    def build(self) -> dict[str, jax.Array]:
+    def _host_value(self, name: str) -> np.ndarray | QuantizedWeight:
+        """The parameter's host value: a QuantizedWeight when every part of it came quantized, else the
+        dense buffer (quantized parts of a partly dense fused parameter dequantized into it)."""
+        parts = self.quantized.pop(name, {})
+        n_parts = len(self.parts.get(name.rsplit(".", 1)[-1], (0,)))
+        if len(parts) == n_parts:
+            q = parts[0] if n_parts == 1 else concat_columns([parts[i] for i in range(n_parts)])
+            return device_storage(q, jax.default_backend())
+        buf = self.buffers[name]
+        widths = self.parts.get(name.rsplit(".", 1)[-1], (buf.shape[-1],))
+        for i, q in parts.items():
+            lo = sum(widths[:i])
+            buf[..., lo:lo + widths[i]] = np.asarray(q.dequantize(jnp.float32)).astype(self.np_dtype)
+        return buf
+
+    def build(self) -> dict[str, Any]:
         for name in self.buffers:
             param = name.rsplit(".", 1)[-1]
             for part in range(len(self.parts.get(param, (0,)))):
                 if (name, part) not in self.filled:
                     raise ValueError(f"weights incomplete: parameter {name!r} (part {part}) got no tensor")
-        place = self.tp.place_host if self.tp is not None else (lambda _, b: jnp.asarray(b))
-        params = {n: place(n, b) for n, b in self.buffers.items()}
-        self.buffers.clear()
+
+        def place(name: str, value: np.ndarray | QuantizedWeight) -> Any:
+            if self.tp is not None:
+                return self.tp.place_host(name, value)
+            return jax.tree.map(jnp.asarray, value)
+
+        params = {}
+        for name in list(self.buffers):  # one parameter at a time: placed, quantized, its host copy freed
+            params[name] = _quantized(name, place(name, self._host_value(name)), self.quantization, self.tp)
+            del self.buffers[name]
         return params
 
 
@@ -204,15 +273,15 @@ def _tp(cfg: ModelConfig, tp_size: int) -> TensorParallel | None:
     return TensorParallel(cfg, tp_size) if tp_size > 1 else None
 
 
-def _fill(cfg: ModelConfig, dtype: Any, tensors: Iterator[tuple[str, np.ndarray]], total: int,
-          progress: bool, what: str, tp: TensorParallel | None) -> LlamaForCausalLM:
-    builder = _ParamBuilder(cfg, dtype, tp)
+def _fill(cfg: ModelConfig, dtype: Any, tensors: Iterator[tuple[str, Any]], total: int,
+          progress: bool, what: str, tp: TensorParallel | None, quantization: str = "none") -> LlamaForCausalLM:
+    builder = _ParamBuilder(cfg, dtype, tp, quantization)
     for name, t in tqdm(tensors, total=total, desc=f"loading {what}", disable=not progress, unit="tensor"):
         builder.add(name, t)
     return LlamaForCausalLM(cfg, builder.build())
 
 
-def _load_safetensors(path: Path, dtype: str, progress: bool, tp_size: int) -> LoadedModel:
+def _load_safetensors(path: Path, dtype: str, progress: bool, tp_size: int, quantization: str) -> LoadedModel:
     from safetensors import safe_open
 
     hf = _hf_config_of(path)
@@ -232,18 +301,18 @@ def _load_safetensors(path: Path, dtype: str, progress: bool, tp_size: int) -> L
     for f in files:
         with safe_open(str(f), framework="numpy") as st:
             total += len(list(st.keys()))
-    model = _fill(cfg, resolve_dtype(dtype, hf), tensors(), total, progress, path.name, tp)
+    model = _fill(cfg, resolve_dtype(dtype, hf), tensors(), total, progress, path.name, tp, quantization)
     return LoadedModel(cfg, hf, model, _try_tokenizer(path), str(path), "safetensors", 0.0, tp)
 
 
-def _load_gguf(path: Path, dtype: str, progress: bool, tp_size: int) -> LoadedModel:
+def _load_gguf(path: Path, dtype: str, progress: bool, tp_size: int, quantization: str) -> LoadedModel:
     from jaxradix.models.gguf_file import read_gguf
 
     g = read_gguf(path)
     cfg = ModelConfig.from_hf(g.config)
     tp = _tp(cfg, tp_size)
-    model = _fill(cfg, resolve_dtype(dtype, {}, "float32"), g.iter_tensors(), g.num_tensors, progress,
-                  path.name, tp)
+    model = _fill(cfg, resolve_dtype(dtype, {}, "float32"), g.iter_tensors(keep_quantized=quantization == "gguf"),
+                  g.num_tensors, progress, path.name, tp, quantization)
     return LoadedModel(cfg, g.config, model, g.tokenizer, str(path), "gguf", 0.0, tp)
 
 
@@ -253,7 +322,7 @@ def _random_param(key: jax.Array, *, shape: tuple[int, ...], dtype: Any, norm: b
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def _load_dummy(path: Path, dtype: str, seed: int, tp_size: int) -> LoadedModel:
+def _load_dummy(path: Path, dtype: str, seed: int, tp_size: int, quantization: str) -> LoadedModel:
     hf = _hf_config_of(path)
     cfg = ModelConfig.from_hf(hf)
     tp = _tp(cfg, tp_size)
@@ -264,6 +333,7 @@ def _load_dummy(path: Path, dtype: str, seed: int, tp_size: int) -> LoadedModel:
         kw = dict(shape=shape, dtype=jdtype, norm="norm" in name)
         # under TP each device draws its own shard (the same values as unsharded)
         params[name] = _random_param(key, **kw) if tp is None else tp.generate(name, _random_param, key, **kw)
+        params[name] = _quantized(name, params[name], quantization, tp)
     return LoadedModel(cfg, hf, LlamaForCausalLM(cfg, params), _try_tokenizer(path) if path.is_dir() else None,
                        str(path), "dummy", 0.0, tp)
 
@@ -275,6 +345,9 @@ def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     if loaded.tp is not None:
         raise ValueError("save_orbax: load the model with tp_size=1 to convert it (checkpoints hold the "
                          "unsharded layout)")
+    if loaded.quantization != "none":
+        raise ValueError(f"save_orbax: load the model with quantization='none' to convert it (checkpoints "
+                         f"hold dense weights; quantization {loaded.quantization!r} is applied at load)")
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     state = _nest(loaded.model.flat_params())
@@ -288,7 +361,7 @@ def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
     return out
 
 
-def _load_orbax(path: Path, tp_size: int = 1) -> LoadedModel:
+def _load_orbax(path: Path, tp_size: int = 1, quantization: str = "none") -> LoadedModel:
     import orbax.checkpoint as ocp
 
     from jaxradix.tokenizer import load_tokenizer
@@ -306,6 +379,7 @@ def _load_orbax(path: Path, tp_size: int = 1) -> LoadedModel:
         restored = _flatten(ckpt.restore(path.absolute() / "params", _nest(target)))
     if tp is not None:
         restored = {n: tp.place_device(n, a) for n, a in restored.items()}
+    restored = {n: _quantized(n, a, quantization, tp) for n, a in restored.items()}
     tok_dir = path / "tokenizer"
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
     return LoadedModel(cfg, meta["config"], LlamaForCausalLM(cfg, restored), tokenizer, str(path), "orbax", 0.0,

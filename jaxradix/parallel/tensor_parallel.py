@@ -8,6 +8,9 @@ Layout on the mesh (each shard's local view is exactly the single-device layout 
 - KV heads: shard s owns KH/tp of them, or (tp > KH) one KV head replicated over tp/KH shards
   (as SGLang does); the pool's global head axis is ordered [K_s0, V_s0, K_s1, V_s1, ...].
 - ``embed`` / ``lm_head``: vocab-parallel when tp divides the vocabulary, else replicated.
+- A quantized weight (models/quantization.py) is placed leaf by leaf with its parameter's spec:
+  values, scales and offsets share the last axis, so fused columns are permuted alike; an axis of
+  size 1 (one scale per output channel of a row-split ``wo``) is replicated.
 - The forward runs inside one ``jax.shard_map``: one psum after attention (o-proj) and one after
   the MLP (down-proj) per layer, one for the vocab-parallel embedding lookup; the logits are
   gathered to every device and sampled there (the sampler sees the full vocabulary).
@@ -32,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxradix.cache.page_pool import empty_layer
 from jaxradix.models.model_config import ModelConfig
+from jaxradix.models.quantization import QuantizedWeight
 
 AXIS = "tp"
 
@@ -146,15 +150,33 @@ class TensorParallel:
         return self.layout.tp
 
     # -- placement ---------------------------------------------------------------------------------
-    def sharding(self, name: str) -> NamedSharding:
-        return NamedSharding(self.mesh, self.layout.spec(name.rsplit(".", 1)[-1]))
+    def sharding(self, name: str, shape: tuple[int, ...] | None = None) -> NamedSharding:
+        """The sharding of parameter `name`; with `shape` (a leaf of a quantized weight), of that leaf."""
+        return NamedSharding(self.mesh, self.leaf_spec(name, shape))
+
+    def leaf_spec(self, name: str, shape: tuple[int, ...] | None = None) -> P:
+        """The parameter's spec, with the axes of size 1 of a leaf of this shape replicated."""
+        spec = self.layout.spec(name.rsplit(".", 1)[-1])
+        if shape is None:
+            return spec
+        axes = [None if shape[i] == 1 else a for i, a in enumerate(spec)]
+        for i, a in enumerate(axes):
+            if a is not None and shape[i] % self.tp:
+                raise ValueError(f"tp_size={self.tp}: parameter {name!r} has {shape[i]} entries along the axis "
+                                 f"that tp splits (shape {tuple(shape)}), not a multiple of {self.tp}; for a "
+                                 f"GGUF kept quantized its scale groups must split evenly too (try "
+                                 f"--quantization int8 or none)")
+        return P(*axes)
 
     def global_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         cols = self.layout.columns(name.rsplit(".", 1)[-1])
         return shape if cols is None else (*shape[:-1], len(cols))
 
-    def place_host(self, name: str, value: np.ndarray) -> jax.Array:
-        """A host array in the logical layout -> its global array, each device given only its shard."""
+    def place_host(self, name: str, value: Any) -> Any:
+        """A host array (or QuantizedWeight of host arrays) in the logical layout -> its global array,
+        each device given only its shard."""
+        if isinstance(value, QuantizedWeight):
+            return jax.tree.map(lambda leaf: self.place_host(name, leaf), value)
         cols = self.layout.columns(name.rsplit(".", 1)[-1])
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:
@@ -162,29 +184,44 @@ class TensorParallel:
                 return value[index]
             return value[(*index[:-1], cols[index[-1]])]
 
-        return jax.make_array_from_callback(self.global_shape(name, value.shape), self.sharding(name), shard)
+        return jax.make_array_from_callback(self.global_shape(name, value.shape),
+                                            self.sharding(name, value.shape), shard)
 
-    def place_device(self, name: str, value: jax.Array) -> jax.Array:
-        """A device array in the logical layout -> its global array (permuted by one jitted gather)."""
+    def place_device(self, name: str, value: Any) -> Any:
+        """A device array (or QuantizedWeight) in the logical layout -> its global array (permuted by one
+        jitted gather)."""
+        if isinstance(value, QuantizedWeight):
+            return jax.tree.map(lambda leaf: self.place_device(name, leaf), value)
         if self.layout.columns(name.rsplit(".", 1)[-1]) is None:
-            return jax.device_put(value, self.sharding(name))
+            return jax.device_put(value, self.sharding(name, value.shape))
         return self.generate(name, _identity, value)
 
-    def generate(self, name: str, fn: Callable[..., jax.Array], *args: Any, **static: Any) -> jax.Array:
+    def generate(self, name: str, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
         """fn(*args, **static) (logical layout) traced under jit with the target sharding, so each
         device computes its own shard; random weights get the values they have unsharded (the
-        PRNG is partitionable). One jit per (fn, parameter kind, static args)."""
+        PRNG is partitionable). One jit per (fn, parameter kind, static args, argument shapes)."""
+        return self._jit(name, fn, True, args, static)
+
+    def transform(self, name: str, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
+        """fn(*args, **static) on placed (already permuted) arrays, the result (an array or a
+        QuantizedWeight, e.g. a weight quantized per column) placed with the parameter's sharding."""
+        return self._jit(name, fn, False, args, static)
+
+    def _jit(self, name: str, fn: Callable[..., Any], permute: bool, args: tuple, static: dict) -> Any:
         short = name.rsplit(".", 1)[-1]
-        key = (fn, short, tuple(sorted(static.items())))
+        shapes = tuple((getattr(a, "shape", None), str(getattr(a, "dtype", ""))) for a in args)
+        key = (fn, short, permute, tuple(sorted(static.items())), shapes)
         jitted = self._jits.get(key)
         if jitted is None:
-            cols = self.layout.columns(short)
+            cols = self.layout.columns(short) if permute else None
 
-            def build(*args: Any) -> jax.Array:
+            def build(*args: Any) -> Any:
                 x = fn(*args, **static)
-                return x if cols is None else jnp.take(x, jnp.asarray(cols), axis=-1)
+                return x if cols is None else jax.tree.map(lambda a: jnp.take(a, jnp.asarray(cols), axis=-1), x)
 
-            jitted = self._jits[key] = jax.jit(build, out_shardings=self.sharding(name))
+            out = jax.eval_shape(build, *args)
+            shardings = jax.tree.map(lambda leaf: self.sharding(name, leaf.shape), out)
+            jitted = self._jits[key] = jax.jit(build, out_shardings=shardings)
         return jitted(*args)
 
     def restore_sharding(self, name: str, shape: tuple[int, ...]) -> NamedSharding:
@@ -208,10 +245,10 @@ class TensorParallel:
 
     # -- the sharded forward (traced inside the runner's jitted step) -------------------------------
     def param_specs(self, params: nnx.State) -> Any:
-        """A tree of PartitionSpecs matching params (by each leaf's parameter name)."""
-        def spec(path: tuple, _: Any) -> P:
+        """A tree of PartitionSpecs matching params (by each leaf's parameter name and shape)."""
+        def spec(path: tuple, leaf: Any) -> P:
             name = next(k.key for k in reversed(path) if isinstance(getattr(k, "key", None), str))
-            return self.layout.spec(name)
+            return self.leaf_spec(name, leaf.shape)
 
         return jax.tree_util.tree_map_with_path(spec, params)
 

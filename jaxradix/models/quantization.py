@@ -1,0 +1,284 @@
+"""Quantized weights (``--quantization int8|fp8|gguf``): a weight leaf may be a ``QuantizedWeight``
+(low-bit values + scales) instead of an array, and every matmul of the model goes through ``dense``.
+
+Quantization is a property of the weight, not a second model: ``models/llama.py`` calls
+``dense(x, w)`` and ``embedding_rows(table, ids)`` for every weight, plain or quantized.
+
+Format: ``w = values * scales (+ offsets)``, the scales (and offsets) repeated over groups of
+``group`` consecutive entries along the weight's contraction axis ``axis``:
+
+- ``values``  ``[K, N]`` (axis 0, a matmul weight ``x @ w``) or ``[V, H]`` (axis 1, the embedding
+  table: rows are gathered, and the tied logits contract over H), in int8, float8_e4m3fn, int4 or uint4;
+- ``scales``  f32, the values' shape with the contraction axis cut to ``G = K // group``
+  (``G == 1``: one scale per output channel);
+- ``offsets`` f32 like scales, or None (symmetric formats).
+
+``--quantization int8|fp8`` quantizes per output channel (symmetric, ``scale = amax / qmax``, qmax 127
+for int8 and 448 for float8_e4m3fn) at load, from any source. ``--quantization gguf`` keeps a GGUF
+file's blocks as they are: Q8_0 int8 and Q6_K int8 with their 32- / 16-entry group scales, Q4_0 int4,
+Q4_1 and Q4_K uint4 with group scales and offsets (exactly ggml's dequantization formula, in f32);
+on CPU the 4-bit values are held as int8, which XLA:CPU converts several times faster (device_storage).
+All scales are f32. Under tensor parallelism the fused columns of values, scales and offsets are
+permuted per shard alike (they share the last axis), and a leaf's axis of size 1 is replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+QUANTIZATIONS = ("none", "int8", "fp8", "gguf")
+# --quantization name -> storage dtype of a per-channel quantized weight
+CHANNEL_DTYPES: dict[str, Any] = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+# parameters quantized by --quantization int8|fp8 (by short name): every 2-D matmul weight and the
+# embedding table (by rows; its rows are the tied logits' output channels)
+QUANTIZED_PARAMS = frozenset({"wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed"})
+SCALE_DTYPE = np.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight as low-bit values and f32 scales (and offsets) per group along its contraction axis."""
+
+    values: Any  # [K, N] (axis 0) or [V, H] (axis 1): int8 | float8_e4m3fn | int4 | uint4
+    scales: Any  # values' shape, contraction axis cut to G: f32
+    offsets: Any = None  # like scales, or None
+    axis: int = field(default=0, metadata=dict(static=True))  # the contraction axis
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def group(self) -> int:
+        return self.values.shape[self.axis] // self.scales.shape[self.axis]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes (int4/uint4 values count half a byte, as XLA packs them)."""
+        v = self.values
+        bits = 4 if jnp.dtype(v.dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * v.dtype.itemsize
+        extra = self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+        return math.ceil(int(np.prod(v.shape)) * bits / 8) + extra
+
+    @property
+    def T(self) -> QuantizedWeight:  # noqa: N802 (numpy's name)
+        """The same linear map with its storage transposed (HF [out, in] -> [in, out] at load)."""
+        return QuantizedWeight(self.values.T, self.scales.T, None if self.offsets is None else self.offsets.T,
+                               1 - self.axis)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        """The whole weight as a dense array (tests, fallbacks; never on the serving path)."""
+        return _dequant(self.values, self.scales, self.offsets, self.axis, dtype)
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, QuantizedWeight)
+
+
+def _expand(a: jax.Array, axis: int, group: int) -> jax.Array:
+    """Repeat each entry of a scales/offsets array over its group along axis (a broadcast XLA fuses)."""
+    if group == 1:
+        return a
+    shape = list(a.shape)
+    b = jnp.expand_dims(a, axis + 1)
+    b = jnp.broadcast_to(b, (*shape[:axis + 1], group, *shape[axis + 1:]))
+    shape[axis] *= group
+    return b.reshape(shape)
+
+
+_FP8_BITS = jnp.uint8  # float8_e4m3fn values as their bit patterns (XLA:CPU's tiled path)
+
+
+def _values_f32(values: jax.Array, fp8_bits: bool = False) -> jax.Array:
+    if fp8_bits:  # uint8 bit patterns of float8_e4m3fn: a 256-entry table decodes them
+        table = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        return jnp.asarray(table)[values.astype(jnp.int32)]
+    return values.astype(jnp.float32)
+
+
+def _dequant(values: jax.Array, scales: jax.Array, offsets: jax.Array | None, axis: int, dtype: Any,
+             fp8_bits: bool = False) -> jax.Array:
+    group = values.shape[axis] // scales.shape[axis]
+    w = _values_f32(values, fp8_bits) * _expand(scales, axis, group)
+    if offsets is not None:
+        w = w + _expand(offsets, axis, group)
+    return w.astype(dtype)
+
+
+def dense(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """x [..., K] times the weight -> [..., N] in x's dtype: THE matmul of the model, for plain and
+    quantized weights. A plain w is [K, N]. A QuantizedWeight contracts its own axis: [K, N] (axis 0),
+    or an embedding table [N, K] (axis 1: the tied logits, read in place, never transposed)."""
+    if not isinstance(w, QuantizedWeight):
+        return x @ w
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)  # [T, K]
+    y = MATMULS[matmul_kind(jax.default_backend(), x2.shape[0])](x2, w)  # [T, N] f32
+    return y.astype(x.dtype).reshape(*lead, w.shape[1 - w.axis])
+
+
+def _contract(x: jax.Array, w: jax.Array, axis: int) -> jax.Array:  # [T, K] . w contracting axis -> [T, N] f32
+    return jax.lax.dot_general(x, w, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _matmul_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] -> [T, N] f32
+    """One dot with the weight dequantized in its operand (GPU/TPU: XLA fuses the convert and the scale
+    broadcast into the dot). Per-channel scales multiply the dot's output instead."""
+    if w.scales.shape[w.axis] == 1 and w.offsets is None:
+        scales = w.scales.reshape(-1)  # [N]
+        return _contract(x, w.values.astype(x.dtype), w.axis) * scales
+    return _contract(x, w.dequantize(x.dtype), w.axis)
+
+
+def _matmul_tiled(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] -> [T, N] f32
+    """The product one block of output channels at a time (a loop over blocks of about TILE_BYTES
+    dequantized): XLA:CPU cannot fuse the dequantization into its dot and writes the dequantized
+    operand first, so each block is written and read back while it is still in cache, never the
+    whole weight."""
+    out_axis = 1 - w.axis
+    K, N = w.values.shape[w.axis], w.values.shape[out_axis]
+    cols = tile_columns(K, N)
+    full = N // cols
+    # XLA:CPU has no f8 arithmetic: it would upcast a whole f8 weight to f16 ahead of the loop, so f8
+    # values enter the loop as their bits and a table decodes each block
+    fp8_bits = jnp.dtype(w.values.dtype) == jnp.dtype(jnp.float8_e4m3fn)
+    values = jax.lax.bitcast_convert_type(w.values, _FP8_BITS) if fp8_bits else w.values
+
+    def block(lo: jax.Array | int, width: int) -> jax.Array:  # [T, width] f32
+        def cut(a: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice_in_dim(a, lo, width, axis=out_axis)
+
+        offsets = None if w.offsets is None else cut(w.offsets)
+        deq = _dequant(cut(values), cut(w.scales), offsets, w.axis, x.dtype, fp8_bits)
+        return _contract(x, deq, w.axis)
+
+    # a loop, also over few blocks: unrolled static slices measured 4x slower (XLA fuses them together)
+    y = jax.lax.map(lambda i: block(i * cols, cols), jnp.arange(full, dtype=jnp.int32))  # [full, T, cols]
+    y = y.transpose(1, 0, 2).reshape(x.shape[0], full * cols)
+    if full * cols < N:
+        y = jnp.concatenate([y, block(full * cols, N - full * cols)], axis=1)
+    return y
+
+
+TILE_BYTES = 1 << 20  # a dequantized f32 block of about 1 MiB: in L2 on the CPUs measured (docs/benchmarks.md)
+
+
+def tile_columns(K: int, N: int) -> int:
+    """Columns per block of _matmul_tiled: the widest divisor of N whose f32 block fits TILE_BYTES (at
+    least 2 blocks), or that width with one narrower last block when N has no such divisor >= 32."""
+    limit = max(8, min(TILE_BYTES // (4 * K), N // 2))
+    for c in range(limit, 31, -1):
+        if N % c == 0:
+            return c
+    return limit
+
+
+MATMULS = {"dot": _matmul_dot, "tiled": _matmul_tiled}
+
+
+def matmul_kind(backend: str, tokens: int) -> str:
+    """Which MATMULS entry serves a quantized weight for `tokens` rows on `backend` (static at trace time)."""
+    return "tiled" if backend == "cpu" else "dot"
+
+
+def embedding_rows(table: jax.Array | QuantizedWeight, ids: jax.Array, dtype: Any) -> jax.Array:
+    """table [V, H] rows at ids [T] -> [T, H] in dtype (a quantized table dequantizes only those rows)."""
+    if not isinstance(table, QuantizedWeight):
+        return table[ids]
+    if table.axis != 1:
+        raise ValueError("embedding_rows: a quantized embedding table groups along its rows (axis 1)")
+    offsets = None if table.offsets is None else table.offsets[ids]
+    return _dequant(table.values[ids], table.scales[ids], offsets, 1, dtype)
+
+
+def quantize_channels(w: jax.Array, *, kind: str, axis: int = 0) -> QuantizedWeight:
+    """Per-output-channel symmetric quantization (jit-able): w [K, N] (axis 0) or a table [V, H] (axis 1)
+    -> values in CHANNEL_DTYPES[kind], one f32 scale per channel (amax / qmax over the contraction axis)."""
+    if kind not in CHANNEL_DTYPES:
+        raise ValueError(f"quantization {kind!r}: per-channel quantization is one of {sorted(CHANNEL_DTYPES)}")
+    dtype = jnp.dtype(CHANNEL_DTYPES[kind])
+    qmax = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
+    wf = w.astype(jnp.float32)
+    scales = jnp.max(jnp.abs(wf), axis=axis, keepdims=True) / qmax  # [1, N] or [V, 1]
+    scales = jnp.where(scales > 0, scales, 1.0)
+    y = wf / scales
+    if dtype == jnp.int8:
+        y = jnp.clip(jnp.round(y), -qmax, qmax)
+    return QuantizedWeight(y.astype(dtype), scales, None, axis)
+
+
+def quantizes(name: str, kind: str) -> bool:
+    """Whether --quantization `kind` quantizes parameter `name` (flat name) at load, per channel."""
+    return kind in CHANNEL_DTYPES and name.rsplit(".", 1)[-1] in QUANTIZED_PARAMS
+
+
+def channel_axis(name: str) -> int:
+    """The contraction axis of a quantized parameter: 1 for the embedding table [V, H], else 0."""
+    return 1 if name.rsplit(".", 1)[-1] == "embed" else 0
+
+
+def check_quantization(quantization: str) -> str:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not supported; supported: {', '.join(QUANTIZATIONS)}")
+    return quantization
+
+
+# -- host side: fused parameters of a GGUF file's blocks ------------------------------------------
+_WIDENED = {np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4), np.dtype(np.int8)}
+
+
+def concat_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Host QuantizedWeights [K, N_i] (axis 0, numpy) -> one [K, sum N_i] (the fused wqkv / w_gate_up).
+    Parts of different formats meet in the finest group, int8 values (int4/uint4 widen exactly), and
+    zero offsets where a part has none, so the result dequantizes to exactly the parts' values."""
+    if len({p.axis for p in parts}) != 1 or parts[0].axis != 0:
+        raise ValueError("concat_columns: parts must be matmul weights (axis 0)")
+    group = math.gcd(*(p.group for p in parts))
+    dtypes = {np.dtype(p.values.dtype) for p in parts}
+    if len(dtypes) > 1 and not dtypes <= _WIDENED:
+        raise ValueError(f"concat_columns: cannot fuse weights stored as {sorted(map(str, dtypes))}")
+    vdtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.int8)
+    with_offsets = any(p.offsets is not None for p in parts)
+
+    def regroup(a: np.ndarray, g: int) -> np.ndarray:
+        return np.repeat(a, g // group, axis=0)
+
+    values = np.concatenate([np.asarray(p.values).astype(vdtype) for p in parts], axis=1)
+    scales = np.concatenate([regroup(np.asarray(p.scales, SCALE_DTYPE), p.group) for p in parts], axis=1)
+    offsets = None
+    if with_offsets:
+        offsets = np.concatenate([regroup(np.zeros(p.scales.shape, SCALE_DTYPE) if p.offsets is None
+                                          else np.asarray(p.offsets, SCALE_DTYPE), p.group) for p in parts], axis=1)
+    return QuantizedWeight(values, scales, offsets, 0)
+
+
+def device_storage(w: QuantizedWeight, platform: str) -> QuantizedWeight:
+    """A host QuantizedWeight in the value dtype to hold on `platform`. XLA:CPU converts int4/uint4
+    several times slower than int8 (docs/benchmarks.md), so the CPU holds 4-bit values as int8 (exact);
+    other platforms hold uint4 as int4: q - 8, with 8 * scale added to the offsets (1-ulp f32 rounding)."""
+    dtype = np.dtype(w.values.dtype)
+    if platform == "cpu" and dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        return replace(w, values=np.asarray(w.values).astype(np.int8))
+    if platform != "cpu" and dtype == np.dtype(ml_dtypes.uint4):
+        offsets = (0.0 if w.offsets is None else np.asarray(w.offsets, SCALE_DTYPE)) + 8 * np.asarray(w.scales)
+        values = (np.asarray(w.values).astype(np.int8) - 8).astype(ml_dtypes.int4)
+        return replace(w, values=values, offsets=offsets.astype(SCALE_DTYPE))
+    return w
+
+
+def host_map(w: QuantizedWeight, fn: Any) -> QuantizedWeight:
+    """fn applied to each leaf (values, scales, offsets) of a host QuantizedWeight."""
+    return replace(w, values=fn(w.values), scales=fn(w.scales),
+                   offsets=None if w.offsets is None else fn(w.offsets))
