@@ -158,6 +158,13 @@ def test_pool_sizer_counts_real_bytes(monkeypatch):
         assert pool.nbytes == pool.num_pages * 16 * kv_bytes_per_token(small, dtype)
 
 
+def test_memory_report_counts_4_bit_weights_at_half_a_byte():
+    from jaxradix.engine.memory import bytes_by_dtype
+
+    got = bytes_by_dtype({"w": jnp.zeros((10, 10), jnp.int4), "s": jnp.zeros(4, jnp.float32)})
+    assert got == {"int4": 50, "float32": 16}
+
+
 def test_bad_kv_cache_dtype_names_the_field():
     for bad in ("fp8", "float8_e4m3fn", "int4"):
         with pytest.raises(ValueError, match="kv_cache_dtype"):

@@ -22,7 +22,10 @@ def bytes_by_dtype(tree: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for leaf in jax.tree.leaves(tree):
         if hasattr(leaf, "nbytes") and hasattr(leaf, "dtype"):
-            out[str(leaf.dtype)] = out.get(str(leaf.dtype), 0) + int(leaf.nbytes)
+            name = str(leaf.dtype)
+            # XLA packs 4-bit values two to a byte; numpy's nbytes counts one byte each
+            n = (leaf.size + 1) // 2 if name in ("int4", "uint4") else int(leaf.nbytes)
+            out[name] = out.get(name, 0) + n
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
