@@ -25,6 +25,14 @@ default) reads the SM count off the device, sizes the kv splits to fill one wave
 CTAs (no split, and no merge pass, when the tiles alone fill the GPU), takes a third ring slot
 when shared memory allows, and finds tiles and rows with one comparison pass instead of a
 binary-search loop. ``plan()`` returns the choices for a shape (the benchmark prints them).
+
+Quantized pools (``QuantizedKV``: int8/fp8 values, a bf16 scale per token and K/V head). The ring
+holds the 1-byte pages (half the TMA bytes of bf16) and, per page, the head's ``[S]`` scale row,
+TMA-loaded from a ``[2*KH, N, S]`` view of the scales the wrapper builds (the pool's scale rows are
+strided, which TMA cannot read): the scales of the pages the batch's page table names, or the whole
+layer's scales transposed when that is smaller. When a block has landed, the kernel dequantizes it
+through registers (values x scale, rounded to bf16: exactly ``dequantize_kv(kv, bf16)``) into one
+bf16 K and one bf16 V tile that the wgmmas read; the rest of the kernel is the bf16 kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE, QuantizedKV, is_quantized, is_quantized_dtype
 
 ROWS = 64  # wgmma M: query rows per tile
 _LOG2E = math.log2(math.e)
@@ -50,9 +59,59 @@ VARIANTS = ("v1", "v2")
 _MAX_SMEM = 227 * 1024  # per block on sm_90
 # Tile descriptor columns (int32 [NT, _DESC]).
 _SEQ, _TOK0, _NTOK, _POS0, _KV_HI, _PAGE_LO, _NBLK, _DESC = range(8)
+_QUANT_COMPUTE = jnp.bfloat16  # the wgmma operand dtype of a quantized pool's dequantized tiles
+
+
+@dataclass(frozen=True)
+class _QuantRefs:
+    """The extra operands and scratch of a quantized pool (None for a bf16/f16 pool)."""
+
+    scale_ref: Any  # [2*KH, N, S] bf16 GMEM, scale rows (row of page p of seq b: see scale_row)
+    ks_smem: Any  # [R, NB] bf16 SMEM, scale ring of the K tiles
+    vs_smem: Any  # [R, NB] bf16 SMEM
+    k16_smem: Any  # [NB, D] bf16 SMEM, swizzled: the dequantized K tile the wgmma reads
+    v16_smem: Any  # [NB, D] bf16 SMEM
+    rows_by_page: bool  # scale_ref rows are pool pages (else seq * MP + p)
+
+
+def _dequantize_tile(data_smem, scale_smem, out_smem) -> None:
+    """out = bf16(data * scale[:, None]): [NB, D] int8/fp8 swizzled SMEM, [NB] bf16 -> [NB, D] bf16."""
+    x = plgpu.load(data_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # [NB, D]
+    scale = plgpu.load(scale_smem, layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)  # [NB]
+    out_smem[...] = (x * lax.broadcast_in_dim(scale, x.shape, [0])).astype(out_smem.dtype)
+    plgpu.commit_smem()  # the async proxy (wgmma) reads what every thread wrote
 
 
 def _kernel(
+    desc_ref,  # [NT, 8] int32 GMEM tile descriptors
+    page_table_ref,  # [B, MP] int32 GMEM
+    q_ref,  # [KH, NT*64, D] GMEM, query tiles (64-row aligned for the tiled TMA)
+    kv_ref,  # [P, S, 2*KH, D] GMEM, one layer's pool (the values of a quantized one)
+    *refs,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    group: int,
+    pages_per_block: int,
+    num_splits: int,
+    interpreted: bool,
+    quantized: bool,
+    scale_rows_by_page: bool = False,
+):
+    """Unpacks the quantized operands, if any, around the operands of the bf16 kernel."""
+    quant = None
+    if quantized:
+        scale_ref, *refs = refs
+        *refs, ks_smem, vs_smem, k16_smem, v16_smem = refs
+        quant = _QuantRefs(scale_ref, ks_smem, vs_smem, k16_smem, v16_smem, scale_rows_by_page)
+    _attention_kernel(
+        desc_ref, page_table_ref, q_ref, kv_ref, *refs, quant=quant, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, group=group, pages_per_block=pages_per_block,
+        num_splits=num_splits, interpreted=interpreted,
+    )  # fmt: skip
+
+
+def _attention_kernel(
     desc_ref,  # [NT, 8] int32 GMEM tile descriptors
     page_table_ref,  # [B, MP] int32 GMEM
     q_ref,  # [KH, NT*64, D] GMEM, query tiles (64-row aligned for the tiled TMA)
@@ -69,6 +128,7 @@ def _kernel(
     v_bar,  # [R] barriers
     p_smem=None,  # [64, NB] SMEM, swizzled; only when interpreted
     *,
+    quant: _QuantRefs | None,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
@@ -100,25 +160,33 @@ def _kernel(
     last_page = (kv_hi - 1) // S
 
     def fetch(j, slot):
-        """TMA of kv block j into ring slot `slot`: PB K pages and PB V pages."""
+        """TMA of kv block j into ring slot `slot`: PB K pages and PB V pages (and their scale rows)."""
         for i in range(PB):
             # Pages past the range re-read the last page (masked), so every block makes
-            # exactly PB arrivals per barrier.
-            p = jnp.minimum(page_lo + j * PB + i, last_page)
-            page = page_table_ref[seq, jnp.minimum(p, MP - 1)]
+            # exactly PB (2*PB when quantized) arrivals per barrier.
+            p = jnp.minimum(jnp.minimum(page_lo + j * PB + i, last_page), MP - 1)
+            page = page_table_ref[seq, p]
             rows = pl.ds(i * S, S)
             k_page = kv_ref.at[page, :, h, :]  # [S, D], strided in the pool
             v_page = kv_ref.at[page, :, KH + h, :]  # [S, D]
             plgpu.copy_gmem_to_smem(k_page, k_smem.at[slot, rows], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_page, v_smem.at[slot, rows], v_bar.at[slot])
+            if quant is not None:
+                row = page if quant.rows_by_page else seq * MP + p
+                plgpu.copy_gmem_to_smem(quant.scale_ref.at[h, row], quant.ks_smem.at[slot, rows], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(quant.scale_ref.at[KH + h, row], quant.vs_smem.at[slot, rows], v_bar.at[slot])
 
     def kv_step(j, carry, *, masked: bool):
         acc, m_i, l_i = carry  # [64, D] f32, [64] f32 (log2 units), [64] f32
         slot = lax.rem(j - j_lo, R)
         plgpu.barrier_wait(k_bar.at[slot])
+        k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]  # [NB, D] wgmma operands
+        if quant is not None:
+            _dequantize_tile(k_tile, quant.ks_smem.at[slot], quant.k16_smem)
+            k_tile, v_tile = quant.k16_smem, quant.v16_smem
 
         def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+            plgpu.wgmma(acc_ref, q_smem, k_tile.T)
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((ROWS, NB), jnp.float32)) * sm_scale  # [64, NB]
@@ -142,12 +210,14 @@ def _kernel(
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bar.at[slot])
+        if quant is not None:
+            _dequantize_tile(v_smem.at[slot], quant.vs_smem.at[slot], quant.v16_smem)
 
-        p16 = p.astype(v_smem.dtype)
+        p16 = p.astype(v_tile.dtype)
         if p_smem is None:  # P stays in registers, PV accumulates into acc in place
 
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p16, v_tile)
 
             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         else:
@@ -157,7 +227,7 @@ def _kernel(
             plgpu.commit_smem()
 
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p_smem, v_tile)
                 return acc_ref[...]
 
             acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, D), jnp.float32))
@@ -249,10 +319,13 @@ def _tile_descriptors(
     return desc.astype(jnp.int32), tile_base.astype(jnp.int32)
 
 
-def unsupported_reason(q: jax.Array, kv_pool: jax.Array) -> str | None:
+def unsupported_reason(q: jax.Array, kv_pool: jax.Array | QuantizedKV) -> str | None:
     """Why this kernel cannot take these operands (None when it can)."""
     D, S = q.shape[-1], kv_pool.shape[1]
-    if kv_pool.dtype not in (jnp.bfloat16, jnp.float16):
+    if is_quantized(kv_pool):
+        if not is_quantized_dtype(kv_pool.dtype) or kv_pool.scale.dtype != SCALE_DTYPE:
+            return f"a quantized pool of {kv_pool.dtype} values and {kv_pool.scale.dtype} scales"
+    elif kv_pool.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs a bf16 or f16 kv pool (wgmma operands), got {kv_pool.dtype}"
     if D not in (64, 128):
         return f"head dim {D} is not 64 or 128"
@@ -266,10 +339,16 @@ def unsupported_reason(q: jax.Array, kv_pool: jax.Array) -> str | None:
 _SMEM_MARGIN = 4096  # bytes left for allocation alignment when v2 picks a deeper ring
 
 
-def _smem_bytes(NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool, slots: int = 2) -> int:
-    q_tile, kv_ring, out = ROWS * D * itemsize, slots * 2 * NB * D * itemsize, ROWS * D * part_itemsize
+def _smem_bytes(
+    NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool, slots: int = 2, quantized: bool = False
+) -> int:
+    """`itemsize`: the ring's (the pool's values); a quantized pool's wgmma operands are bf16."""
+    op = 2 if quantized else itemsize  # wgmma operand itemsize
+    q_tile, kv_ring, out = ROWS * D * op, slots * 2 * NB * D * itemsize, ROWS * D * part_itemsize
     reduction_scratch = 2048  # plgpu.CompilerParams.reduction_scratch_bytes
-    return q_tile + kv_ring + out + ROWS * 4 + (ROWS * NB * itemsize if interpreted else 0) + reduction_scratch
+    # Quantized: the scale rows of the ring, and the dequantized K and V tiles.
+    dequant = slots * 2 * NB * 2 + 2 * NB * D * op if quantized else 0
+    return q_tile + kv_ring + out + ROWS * 4 + (ROWS * NB * op if interpreted else 0) + reduction_scratch + dequant
 
 
 def default_num_splits(num_tiles: int, kv_heads: int, max_blocks: int) -> int:
@@ -306,10 +385,10 @@ class KernelPlan:
 def plan(
     T: int, B: int, MP: int, S: int, KH: int, G: int, D: int, itemsize: int, q_itemsize: int, *,
     variant: str = "v2", kv_block_pages: int | None = None, num_kv_splits: int | None = None,
-    kv_slots: int | None = None, interpreted: bool = False, sm_count: int | None = None,
+    kv_slots: int | None = None, interpreted: bool = False, sm_count: int | None = None, quantized: bool = False,
 ) -> KernelPlan:  # fmt: skip
-    """The grid, block and ring sizes for a shape (`itemsize`: the pool's, `q_itemsize`: the
-    output's); `num_tiles` counts tiles, not tiles x kv heads."""
+    """The grid, block and ring sizes for a shape (`itemsize`: the pool's values, `q_itemsize`: the
+    output's; `quantized`: a QuantizedKV pool); `num_tiles` counts tiles, not tiles x kv heads."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     # Decode-like batches (about a token per row) take kv blocks of 64 tokens in v2, so that two
@@ -326,7 +405,7 @@ def plan(
     sms = _NUM_SMS if variant == "v1" else (sm_count or device_sm_count())
 
     def smem(ns: int, r: int) -> int:
-        return _smem_bytes(PB * S, D, itemsize, q_itemsize if ns == 1 else 4, interpreted, slots=r)
+        return _smem_bytes(PB * S, D, itemsize, q_itemsize if ns == 1 else 4, interpreted, slots=r, quantized=quantized)
 
     if variant == "v1":
         NS = num_kv_splits or default_num_splits(NT, KH, max_blocks)
@@ -349,7 +428,7 @@ def plan(
 )  # fmt: skip
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv_pool: jax.Array,  # [P, S, 2*KH, D], one layer's pool
+    kv_pool: jax.Array | QuantizedKV,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -362,18 +441,22 @@ def ragged_paged_attention(
     interpret: Any = None,
 ) -> jax.Array:  # [T, NH, D]
     """Same contract as ``reference.ragged_paged_attention``; ``interpret`` goes to plgpu.kernel."""
-    shape = AttentionShape.of(q, kv_pool, md)
+    quantized = is_quantized(kv_pool)
+    values = kv_pool.data if quantized else kv_pool  # [P, S, 2*KH, D]
+    shape = AttentionShape.of(q, values, md)
     T, NH, KH, G, D, S, MP = shape.T, shape.NH, shape.KH, shape.G, shape.D, shape.S, shape.MP
     if (why := unsupported_reason(q, kv_pool)) is not None:
         raise NotImplementedError(why)
+    op_dtype = _QUANT_COMPUTE if quantized else values.dtype  # wgmma operands
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if soft_cap is not None and soft_cap == 0.0:
         raise ValueError("soft_cap must be non-zero")
     interpreted = interpret is not None and interpret is not False
     p = plan(
-        T, shape.B, MP, S, KH, G, D, kv_pool.dtype.itemsize, q.dtype.itemsize, variant=variant,
+        T, shape.B, MP, S, KH, G, D, values.dtype.itemsize, q.dtype.itemsize, variant=variant,
         kv_block_pages=kv_block_pages, num_kv_splits=num_kv_splits, kv_slots=kv_slots, interpreted=interpreted,
+        quantized=quantized,
     )  # fmt: skip
     TQ, NT, NS, PB, R = ROWS // G, p.num_tiles, p.num_splits, p.kv_block_pages, p.kv_slots
     part_dtype = q.dtype if NS == 1 else jnp.float32
@@ -390,10 +473,27 @@ def ragged_paged_attention(
     r = jnp.arange(ROWS, dtype=jnp.int32)
     tok = jnp.minimum(desc[:, _TOK0, None] + r[None, :] // G, T - 1)  # [NT, 64]
     head = jnp.arange(KH, dtype=jnp.int32)[:, None, None] * G + (r % G)[None, None, :]  # [KH, 1, 64]
-    q_tiles = q.astype(kv_pool.dtype)[tok[None, :, :], head].reshape(KH, NT * ROWS, D)  # [KH, NT*64, D]
+    q_tiles = q.astype(op_dtype)[tok[None, :, :], head].reshape(KH, NT * ROWS, D)  # [KH, NT*64, D]
     swizzle = 128  # bytes: a 64-element bf16 row; wgmma operands in 8-row swizzled tiles
-    tiling = plgpu.TilingTransform((8, swizzle // kv_pool.dtype.itemsize))
+    tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(op_dtype).itemsize))
     transforms = (tiling, plgpu.SwizzleTransform(swizzle))
+    ring_transforms, extra_in, quant_scratch, arrivals = transforms, (), (), PB
+    rows_by_page = False
+    if quantized:
+        # The 1-byte ring: rows of D bytes (64-byte swizzle at D=64).
+        ring_swizzle = min(128, D * values.dtype.itemsize)
+        ring_transforms = (
+            plgpu.TilingTransform((8, ring_swizzle // values.dtype.itemsize)),
+            plgpu.SwizzleTransform(ring_swizzle),
+        )
+        extra_in, rows_by_page = _scale_rows(kv_pool.scale, md.page_table)
+        quant_scratch = (
+            plgpu.SMEM((R, PB * S), SCALE_DTYPE),
+            plgpu.SMEM((R, PB * S), SCALE_DTYPE),
+            plgpu.SMEM((PB * S, D), op_dtype, transforms=transforms),
+            plgpu.SMEM((PB * S, D), op_dtype, transforms=transforms),
+        )
+        arrivals = 2 * PB  # a value and a scale copy per page
     kernel = plgpu.kernel(
         functools.partial(
             _kernel,
@@ -404,28 +504,31 @@ def ragged_paged_attention(
             pages_per_block=PB,
             num_splits=NS,
             interpreted=interpreted,
+            quantized=quantized,
+            scale_rows_by_page=rows_by_page,
         ),
         out_type=(
             jax.ShapeDtypeStruct((NS, KH, T * G + ROWS, D), part_dtype),
             jax.ShapeDtypeStruct((NT if NS > 1 else 1, NS, KH, ROWS), jnp.float32),
         ),
         scratch_types=(
-            plgpu.SMEM((ROWS, D), kv_pool.dtype, transforms=transforms),
-            plgpu.SMEM((R, PB * S, D), kv_pool.dtype, transforms=transforms),
-            plgpu.SMEM((R, PB * S, D), kv_pool.dtype, transforms=transforms),
+            plgpu.SMEM((ROWS, D), op_dtype, transforms=transforms),
+            plgpu.SMEM((R, PB * S, D), values.dtype, transforms=ring_transforms),
+            plgpu.SMEM((R, PB * S, D), values.dtype, transforms=ring_transforms),
             plgpu.SMEM((ROWS, D), part_dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=PB, num_barriers=R),
-            plgpu.Barrier(num_arrivals=PB, num_barriers=R),
-            *([plgpu.SMEM((ROWS, PB * S), kv_pool.dtype, transforms=transforms)] if interpreted else []),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=R),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=R),
+            *([plgpu.SMEM((ROWS, PB * S), op_dtype, transforms=transforms)] if interpreted else []),
+            *quant_scratch,
         ),
         grid=(NT, KH, NS),
         grid_names=("tile", "head", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    o_part, lse = kernel(desc, md.page_table, q_tiles, kv_pool)
+    o_part, lse = kernel(desc, md.page_table, q_tiles, values, *extra_in)
     o_part = o_part[:, :, : T * G]  # [NS, KH, T*G, D]
 
     if NS == 1:
@@ -436,6 +539,20 @@ def ragged_paged_attention(
     # Padding tokens' rows were never written: they are defined as 0.
     valid = (jnp.arange(T) < md.cu_q_lens[md.num_seqs[0]])[:, None, None]  # [T, 1, 1]
     return jnp.where(valid, o, 0).astype(q.dtype)
+
+
+def _scale_rows(
+    scale: jax.Array,  # [P, S, 2*KH] bf16, one layer's scales
+    page_table: jax.Array,  # [B, MP] int32
+) -> tuple[tuple[jax.Array], bool]:  # ([2*KH, N, S] scale rows,), rows are pool pages
+    """Scale rows the kernel can TMA (a contiguous [S] per page and head): the whole layer's scales
+    transposed (row = pool page) or, when the page table names fewer pages than the pool holds,
+    the named pages' scales gathered (row = seq * MP + p). Either costs ~2/D of the bytes read."""
+    P, S, KH2 = scale.shape
+    B, MP = page_table.shape
+    if P <= B * MP:
+        return (scale.transpose(2, 0, 1),), True
+    return (scale[page_table].reshape(B * MP, S, KH2).transpose(2, 0, 1),), False
 
 
 def _merge_splits(

@@ -16,6 +16,11 @@ before the current block is computed, so HBM reads overlap compute across sequen
 boundaries. Pages past a sequence's range are not fetched, and padding rows fetch nothing.
 In VMEM, kv head h of a slot is the sublane-strided view ``kv_buf[slot, :, h, :]`` (K) and
 ``kv_buf[slot, :, KH + h, :]`` (V), ``[PB*S, D]`` each: no ref reshapes anywhere.
+
+Quantized pools (``QuantizedKV``: int8/fp8 values, a bf16 scale per token and K/V head): the page
+DMAs move the 1-byte values (half the bytes of bf16) and, next to them, the page's ``[S, 2*KH]``
+scales into a second double buffer; each K/V head tile is dequantized in VMEM (values x its scale
+column, in the query's dtype: exactly ``dequantize_kv``) right before its two matmuls.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, round_up
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import QuantizedKV, is_quantized
 
 _STAT_LANES = 128  # softmax row statistics are kept lane-replicated, one vreg row per query row
 
@@ -58,6 +64,31 @@ def _kernel(
     seq_hi_ref,  # [NQ] one past the last live sequence that meets q block i
     # inputs
     q_ref,  # [KH, R, D] VMEM block, R = TQ*G
+    kv_hbm_ref,  # [P, S, 2*KH, D] HBM, one layer's pool (the values of a quantized one)
+    *refs,
+    quantized: bool,
+    **params,
+):
+    """Unpacks the quantized operands, if any, around the operands of the plain kernel."""
+    if quantized:
+        scale_hbm_ref, o_ref, kv_buf, sems, m_ref, l_ref, acc_ref, scale_buf, scale_sems = refs
+        quant = (scale_hbm_ref, scale_buf, scale_sems)
+    else:
+        o_ref, kv_buf, sems, m_ref, l_ref, acc_ref = refs
+        quant = None
+    _attention_kernel(
+        cu_q_lens_ref, kv_lens_ref, page_table_ref, seq_lo_ref, seq_hi_ref, q_ref, kv_hbm_ref, o_ref, kv_buf, sems,
+        m_ref, l_ref, acc_ref, quant=quant, **params,
+    )  # fmt: skip
+
+
+def _attention_kernel(
+    cu_q_lens_ref,  # [B+1]
+    kv_lens_ref,  # [B]
+    page_table_ref,  # [B*MP]
+    seq_lo_ref,  # [NQ]
+    seq_hi_ref,  # [NQ]
+    q_ref,  # [KH, R, D] VMEM block, R = TQ*G
     kv_hbm_ref,  # [P, S, 2*KH, D] HBM, one layer's pool
     # outputs
     o_ref,  # [KH, R, D] VMEM block
@@ -68,6 +99,8 @@ def _kernel(
     l_ref,  # [KH, R, 128] f32 running denominator
     acc_ref,  # [KH, R, D] f32 running numerator
     *,
+    # quantized pools: (scales [P, S, 2*KH] HBM, their buffer [2, PB*S, 2*KH] VMEM, DMA semaphores [2])
+    quant: tuple[Any, Any, Any] | None,
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
@@ -110,13 +143,25 @@ def _kernel(
 
         return lax.while_loop(skip, lambda b: b + 1, b)
 
-    def page_copy(b, p, i_page, slot):
+    def page_copies(b, p, i_page, slot):
         page = page_table_ref[b * MP + jnp.minimum(p, MP - 1)]
-        return pltpu.make_async_copy(
-            kv_hbm_ref.at[page],  # [S, 2*KH, D]
-            kv_buf.at[slot, pl.ds(i_page * S, S)],  # [S, 2*KH, D]
-            sems.at[slot],
-        )
+        copies = [
+            pltpu.make_async_copy(
+                kv_hbm_ref.at[page],  # [S, 2*KH, D]
+                kv_buf.at[slot, pl.ds(i_page * S, S)],  # [S, 2*KH, D]
+                sems.at[slot],
+            )
+        ]
+        if quant is not None:
+            scale_hbm_ref, scale_buf, scale_sems = quant
+            copies.append(
+                pltpu.make_async_copy(
+                    scale_hbm_ref.at[page],  # [S, 2*KH]
+                    scale_buf.at[slot, pl.ds(i_page * S, S)],  # [S, 2*KH]
+                    scale_sems.at[slot],
+                )
+            )
+        return copies
 
     def kv_block_copies(b, j, slot, action: str):
         """Starts (or waits for) the page DMAs of kv block j of sequence b."""
@@ -128,11 +173,11 @@ def _kernel(
 
             @pl.when(p < span.page_hi)
             def _():
-                copy = page_copy(b, p, i_page, slot)
-                if action == "start":
-                    copy.start()
-                else:
-                    copy.wait()
+                for copy in page_copies(b, p, i_page, slot):
+                    if action == "start":
+                        copy.start()
+                    else:
+                        copy.wait()
 
             return carry
 
@@ -158,11 +203,17 @@ def _kernel(
             acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
         # f32 operands get full f32 MXU passes (the default would round them to bf16).
-        precision = lax.Precision.HIGHEST if kv_buf.dtype == jnp.float32 else None
+        precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
         for h in range(KH):
             q = q_ref[h]  # [R, D]
             k = kv_buf[slot, :, h, :]  # [NB, D]
             v = kv_buf[slot, :, KH + h, :]  # [NB, D]
+            if quant is not None:  # values x the token's scale, in the query's dtype
+                scale_buf = quant[1]
+                k_scale = scale_buf[slot, :, pl.ds(h, 1)].astype(jnp.float32)  # [NB, 1]
+                v_scale = scale_buf[slot, :, pl.ds(KH + h, 1)].astype(jnp.float32)  # [NB, 1]
+                k = (k.astype(jnp.float32) * k_scale).astype(q.dtype)
+                v = (v.astype(jnp.float32) * v_scale).astype(q.dtype)
             v = jnp.where(v_ok, v, jnp.zeros_like(v))
             s = lax.dot_general(
                 q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -241,7 +292,7 @@ def default_block_sizes(shape: AttentionShape) -> tuple[int, int]:
 )  # fmt: skip
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv_pool: jax.Array,  # [P, S, 2*KH, D], one layer's pool
+    kv_pool: jax.Array | QuantizedKV,  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -252,7 +303,9 @@ def ragged_paged_attention(
     interpret: Any = False,
 ) -> jax.Array:  # [T, NH, D]
     """Same contract as ``reference.ragged_paged_attention``; ``interpret`` is passed to pallas_call."""
-    shape = AttentionShape.of(q, kv_pool, md)
+    quantized = is_quantized(kv_pool)
+    values = kv_pool.data if quantized else kv_pool  # [P, S, 2*KH, D]
+    shape = AttentionShape.of(q, values, md)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if soft_cap is not None and soft_cap == 0.0:
@@ -269,7 +322,9 @@ def ragged_paged_attention(
     md = clean_metadata(md)
 
     # Per kv head, query rows (t, g) are contiguous: [KH, T_pad*G, D].
-    q_rows = q.astype(kv_pool.dtype).reshape(T, KH, G, D).transpose(1, 0, 2, 3).reshape(KH, T * G, D)
+    # A quantized pool is dequantized into the query's dtype (f32 or bf16).
+    compute_dtype = q.dtype if quantized else kv_pool.dtype
+    q_rows = q.astype(compute_dtype).reshape(T, KH, G, D).transpose(1, 0, 2, 3).reshape(KH, T * G, D)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, (T_pad - T) * G), (0, 0)))
     blk_first = jnp.arange(NQ, dtype=jnp.int32) * tq  # [NQ] first token of each q block
     ends = md.cu_q_lens[1:]  # [B], sorted after clean_metadata
@@ -286,6 +341,7 @@ def ragged_paged_attention(
         pages_per_block=pb,
         group=G,
         pages_per_seq=shape.MP,
+        quantized=quantized,
     )
     q_spec = pl.BlockSpec((KH, R, D), lambda i, *_: (0, i, 0))
     out = pl.pallas_call(
@@ -294,14 +350,19 @@ def ragged_paged_attention(
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(NQ,),
-            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY)] + [pl.BlockSpec(memory_space=pl.ANY)] * quantized,
             out_specs=q_spec,
             scratch_shapes=[
-                pltpu.VMEM((2, pb * shape.S, 2 * KH, D), kv_pool.dtype),
+                pltpu.VMEM((2, pb * shape.S, 2 * KH, D), values.dtype),
                 pltpu.SemaphoreType.DMA((2,)),
                 pltpu.VMEM((KH, R, _STAT_LANES), jnp.float32),
                 pltpu.VMEM((KH, R, _STAT_LANES), jnp.float32),
                 pltpu.VMEM((KH, R, D), jnp.float32),
+                *(
+                    [pltpu.VMEM((2, pb * shape.S, 2 * KH), kv_pool.scale.dtype), pltpu.SemaphoreType.DMA((2,))]
+                    if quantized
+                    else []
+                ),
             ],
         ),
         # Grid steps share no state (each starts its own DMA chain), so TensorCores may split them.
@@ -315,7 +376,8 @@ def ragged_paged_attention(
         seq_lo,
         seq_hi,
         q_rows,
-        kv_pool,
+        values,
+        *([kv_pool.scale] if quantized else []),
     )
     out = out[:, : T * G].reshape(KH, T, G, D).transpose(1, 0, 2, 3)  # [T, KH, G, D]
     return out.reshape(T, NH, D)
