@@ -4,6 +4,7 @@
     python scripts/bench_kernels.py --batches 64 --contexts 2048 8192 --page-sizes 16
     python scripts/bench_kernels.py --sweep         # GPU: kv splits x ring depth at a few shapes
     python scripts/bench_kernels.py --smoke         # the kernels interpreted on tiny shapes (plumbing only)
+    python scripts/bench_kernels.py --parts decode --kv-dtype bfloat16 fp8_e4m3 int8   # quantized KV pools
 
 Decode: batches of sequences with one new token each over 1k-8k cached tokens, KH 8, D 128,
 bf16. Attention reads every live KV byte once, so its figure is (KV + Q bytes) / time, shown as
@@ -15,6 +16,11 @@ TPU kernel), "pallas-v1" (the GPU kernel as first measured, ``--variants``), "ga
 per-sequence gather path that A100/L4/T4 and CPU serve with; on a GPU its extend tiles use
 cuDNN), "reference" (the per-token gather, ``--reference``). The GPU kernel's plan (tiles, kv
 splits NS, pages per kv block PB, ring slots R, resident CTAs per SM) is printed per shape.
+
+``--kv-dtype`` (one or more of bfloat16, float32, fp8_e4m3, fp8_e5m2, int8; default: ``--dtype``)
+times each shape on each pool dtype, side by side. A quantized pool (``QuantizedKV``) counts the bytes
+it really reads: 1-byte values plus a bf16 scale per token and head (D + 2 bytes per token and head
+against 2D for bf16); its max|err| is taken against the gathered path on the dequantized pool.
 
 On CPU (no flags): the gathered path against the reference at SmolLM2-135M's attention shapes
 (KH 3, NH 9, D 64, f32), the CPU serving configuration.
@@ -35,20 +41,30 @@ import numpy as np
 
 from jaxradix.pallas_kernels import get_attention
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import (
+    QUANTIZED_KV_DTYPES,
+    QuantizedKV,
+    bytes_per_token_head,
+    dequantize_kv,
+    quantize,
+)
 from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
 
 
 @dataclass(frozen=True)
 class Batch:
     q: jax.Array  # [T, NH, D]
-    pool: jax.Array  # [P, S, 2*KH, D], one layer's pool
+    pool: jax.Array | QuantizedKV  # [P, S, 2*KH, D], one layer's pool
     md: AttentionMetadata
     kv_bytes: int  # live K/V bytes the attention must read
     causal_flops: float  # 4 * D * (number of unmasked q.k pairs) * NH
 
 
-def make_batch(q_lens: list[int], kv_lens: list[int], *, S: int, KH: int, G: int, D: int, dtype) -> Batch:
-    """Pages of each sequence scattered over the pool (a shuffled free list), page 0 reserved."""
+def make_batch(
+    q_lens: list[int], kv_lens: list[int], *, S: int, KH: int, G: int, D: int, dtype, kv_dtype: str | None = None
+) -> Batch:
+    """Pages of each sequence scattered over the pool (a shuffled free list), page 0 reserved;
+    `kv_dtype` (a --kv-dtype name) quantizes the pool or casts it (default: `dtype`)."""
     B = len(q_lens)
     pages = [-(-k // S) for k in kv_lens]
     MP = max(pages)
@@ -63,14 +79,17 @@ def make_batch(q_lens: list[int], kv_lens: list[int], *, S: int, KH: int, G: int
     kq, kp = jax.random.split(jax.random.key(0))
     q = jax.random.normal(kq, (int(cu[-1]), KH * G, D), dtype)
     pool = jax.random.normal(kp, (num_pages, S, 2 * KH, D), dtype)
+    if kv_dtype in QUANTIZED_KV_DTYPES:
+        pool = QuantizedKV(*quantize(pool, QUANTIZED_KV_DTYPES[kv_dtype]))
+    elif kv_dtype is not None:
+        pool = pool.astype(kv_dtype)
     md = AttentionMetadata(
         cu_q_lens=jnp.asarray(cu),
         kv_lens=jnp.asarray(kv_lens, jnp.int32),
         page_table=jnp.asarray(page_table),
         num_seqs=jnp.asarray([B], jnp.int32),
     )
-    itemsize = jnp.dtype(dtype).itemsize
-    kv_bytes = sum(kv_lens) * 2 * KH * D * itemsize
+    kv_bytes = sum(kv_lens) * 2 * KH * bytes_per_token_head(D, pool.dtype)
     # Query i of a row with q_len n and kv_len k sees k - n + i + 1 keys.
     pairs = sum(q * (k - q) + q * (q + 1) / 2 for q, k in zip(q_lens, kv_lens, strict=True))
     return Batch(q, pool, md, kv_bytes, 4.0 * D * pairs * KH * G)
@@ -108,7 +127,8 @@ def cudnn_attention(batch: Batch, q_len: int, n_seqs: int, sm_scale: float) -> C
     KH = batch.pool.shape[2] // 2
     L = q_len
     q = batch.q.reshape(n_seqs, L, NH, D)
-    kv = batch.pool[batch.md.page_table].reshape(n_seqs, -1, 2 * KH, D)[:, :L]  # gathered once, untimed
+    pool = dequantize_kv(batch.pool, batch.q.dtype) if isinstance(batch.pool, QuantizedKV) else batch.pool
+    kv = pool[batch.md.page_table].reshape(n_seqs, -1, 2 * KH, D)[:, :L]  # gathered once, untimed
     k, v = kv[:, :, :KH], kv[:, :, KH:]
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     fn = jax.jit(
@@ -146,9 +166,18 @@ def gpu_plan(batch: Batch, variant: str, **overrides) -> str:
     T, NH, D = batch.q.shape
     _, S, KH2, _ = batch.pool.shape
     B, MP = batch.md.page_table.shape
+    quantized = isinstance(batch.pool, QuantizedKV)
     p = plan(T, B, MP, S, KH2 // 2, NH // (KH2 // 2), D, batch.pool.dtype.itemsize, batch.q.dtype.itemsize,
-             variant=variant, **overrides)  # fmt: skip
+             variant=variant, quantized=quantized, **overrides)  # fmt: skip
     return f"NT {p.num_tiles} NS {p.num_splits} PB {p.kv_block_pages} R {p.kv_slots} CTA/SM {p.ctas_per_sm}"
+
+
+def reference_outputs(batch: Batch, sm_scale: float) -> dict[str, np.ndarray]:
+    """{"dequantized": the gathered path on the dequantized pool} for a quantized batch, else {}."""
+    if not isinstance(batch.pool, QuantizedKV):
+        return {}
+    plain = Batch(batch.q, dequantize_kv(batch.pool, batch.q.dtype), batch.md, batch.kv_bytes, batch.causal_flops)
+    return {"dequantized": np.asarray(run_attention(get_attention("gathered"), plain, sm_scale)(), np.float32)}
 
 
 def main() -> None:
@@ -160,6 +189,8 @@ def main() -> None:
     ap.add_argument("--q-heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=None)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    ap.add_argument("--kv-dtype", nargs="+", default=None, choices=["bfloat16", "float32", *QUANTIZED_KV_DTYPES],
+                    help="KV pool dtypes to time side by side (default: --dtype)")  # fmt: skip
     ap.add_argument("--extend", type=str, nargs="+", default=None,
                     help="prefill rows as NxL or NxL+P (N sequences of L new tokens after P cached)")  # fmt: skip
     ap.add_argument("--variants", nargs="+", default=["v2", "v1"], help="GPU kernel variants to time")
@@ -207,36 +238,38 @@ def main() -> None:
     ref_timing = dict(warmup=1, iters=2, repeats=1)  # the reference is slow
     KH, G, D = args.kv_heads, args.q_heads // args.kv_heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
+    kv_dtypes = args.kv_dtype or [dtype.name]
     sm_scale = D**-0.5
 
     print(f"device: {device.device_kind} ({platform}), jax {jax.__version__}")
     copy_bw = copy_bandwidth((1 << 20) if args.smoke else (1 << 30), **timing)
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write)")
 
-    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name}")
-    header = f"{'impl':<24}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}"
+    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name} queries")
+    header = f"{'impl':<24}{'kv':>9}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}"
     print(f"{header}{'max|err|':>10}  plan")
-    for B in args.batches if "decode" in parts else []:
-        for S in args.page_sizes:
-            for ctx in args.contexts:
-                batch = make_batch([1] * B, [ctx] * B, S=S, KH=KH, G=G, D=D, dtype=dtype)
-                nbytes = batch.kv_bytes + batch.q.nbytes
-                rows, outs = [], {}
-                for name, attention in kernels.items():
-                    how = ref_timing if name == "reference" else timing
-                    fn = run_attention(attention, batch, sm_scale)
-                    t = try_time(lambda fn=fn: fn, **how)
-                    if t is not None:
-                        outs[name] = np.asarray(fn(), np.float32)
-                    bw = None if t is None else nbytes / t
-                    frac = None if bw is None else bw / copy_bw
-                    note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
-                    rows.append((name, t, bw, frac, note))
-                base = next((n for n in ("gathered", "reference") if n in outs), None)
-                for name, t, bw, frac, note in rows:  # max |error| against the gathered (or reference) output
-                    err = None if base is None or name not in outs else float(np.abs(outs[name] - outs[base]).max())
-                    print(f"{name:<24}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
-                          f"{fmt(frac, '9.1%')}{fmt(err, '10.4f')}  {note}", flush=True)  # fmt: skip
+    decode_shapes = [(B, S, ctx, kv) for B in args.batches for S in args.page_sizes for ctx in args.contexts
+                     for kv in kv_dtypes]  # fmt: skip
+    for B, S, ctx, kv_dtype in decode_shapes if "decode" in parts else []:
+        batch = make_batch([1] * B, [ctx] * B, S=S, KH=KH, G=G, D=D, dtype=dtype, kv_dtype=kv_dtype)
+        nbytes = batch.kv_bytes + batch.q.nbytes
+        rows, outs = [], reference_outputs(batch, sm_scale)
+        for name, attention in kernels.items():
+            how = ref_timing if name == "reference" else timing
+            fn = run_attention(attention, batch, sm_scale)
+            t = try_time(lambda fn=fn: fn, **how)
+            if t is not None:
+                outs[name] = np.asarray(fn(), np.float32)
+            bw = None if t is None else nbytes / t
+            frac = None if bw is None else bw / copy_bw
+            note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
+            rows.append((name, t, bw, frac, note))
+        # max |error| against the gathered (or reference) output, on the dequantized pool if quantized
+        base = next((n for n in ("dequantized", "gathered", "reference") if n in outs), None)
+        for name, t, bw, frac, note in rows:
+            err = None if base is None or name not in outs else float(np.abs(outs[name] - outs[base]).max())
+            print(f"{name:<24}{kv_dtype:>9}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
+                  f"{fmt(frac, '9.1%')}{fmt(err, '10.4f')}  {note}", flush=True)  # fmt: skip
 
     if "sweep" in parts and on_gpu:
         from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
@@ -244,7 +277,8 @@ def main() -> None:
         print("\ndecode sweep (pallas-v2 with forced kv splits NS, ring slots R, pages per block PB)")
         for S in args.page_sizes:
             for ctx in (args.contexts[0], args.contexts[-1]):
-                batch = make_batch([1] * args.batches[0], [ctx] * args.batches[0], S=S, KH=KH, G=G, D=D, dtype=dtype)
+                batch = make_batch([1] * args.batches[0], [ctx] * args.batches[0], S=S, KH=KH, G=G, D=D, dtype=dtype,
+                                   kv_dtype=kv_dtypes[0])  # fmt: skip
                 nbytes = batch.kv_bytes + batch.q.nbytes
                 for tokens, R, NS in SWEEP:
                     over = dict(kv_block_pages=max(1, tokens // S), num_kv_splits=NS, kv_slots=R)
@@ -255,28 +289,28 @@ def main() -> None:
                           f"{fmt(frac, '9.1%'):>18}  {gpu_plan(batch, 'v2', **over)}", flush=True)  # fmt: skip
 
     print(f"\nextend (prefill, causal): KH {KH}, NH {KH * G}, D {D}, {dtype.name}, page {args.page_sizes[0]}")
-    print(f"{'impl':<24}{'rows':>12}{'time us':>10}{'TFLOP/s':>9}{'of dpa':>8}{'max|err|':>10}  plan")
-    for spec in args.extend if "extend" in parts else []:
+    print(f"{'impl':<24}{'kv':>9}{'rows':>12}{'time us':>10}{'TFLOP/s':>9}{'of dpa':>8}{'max|err|':>10}  plan")
+    for spec, kv_dtype in [(spec, kv) for spec in args.extend for kv in kv_dtypes] if "extend" in parts else []:
         q_lens, kv_lens = parse_rows(spec)
-        batch = make_batch(q_lens, kv_lens, S=args.page_sizes[0], KH=KH, G=G, D=D, dtype=dtype)
+        batch = make_batch(q_lens, kv_lens, S=args.page_sizes[0], KH=KH, G=G, D=D, dtype=dtype, kv_dtype=kv_dtype)
         impls = {name: functools.partial(run_attention, a, batch, sm_scale) for name, a in kernels.items()}
         dpa = "cudnn" if on_gpu else "dot_product_attention"
         if q_lens == kv_lens:  # no prefix: the same rows contiguous
             impls[dpa] = functools.partial(cudnn_attention, batch, q_lens[0], len(q_lens), sm_scale)
-        times, outs = {}, {}
+        times, outs = {}, reference_outputs(batch, sm_scale)
         for name, make in impls.items():
             fn = make() if name in kernels else None
             how = ref_timing if name == "reference" else timing
             times[name] = try_time((lambda fn=fn: fn) if fn else make, **how)
             if fn is not None and times[name] is not None:
                 outs[name] = np.asarray(fn(), np.float32)
-        base = next((n for n in ("gathered", "reference") if n in outs), None)
+        base = next((n for n in ("dequantized", "gathered", "reference") if n in outs), None)
         for name, t in times.items():
             tflops = None if t is None else batch.causal_flops / t / 1e12
             rel = None if t is None or times.get(dpa) is None else times[dpa] / t
             err = None if base is None or name not in outs else float(np.abs(outs[name] - outs[base]).max())
             note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
-            print(f"{name:<24}{spec:>12}{fmt(t, '10.1f', 1e6)}{fmt(tflops, '9.2f')}{fmt(rel, '8.0%')}"
+            print(f"{name:<24}{kv_dtype:>9}{spec:>12}{fmt(t, '10.1f', 1e6)}{fmt(tflops, '9.2f')}{fmt(rel, '8.0%')}"
                   f"{fmt(err, '10.4f')}  {note}", flush=True)  # fmt: skip
 
     if args.smoke:
