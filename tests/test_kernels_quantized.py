@@ -25,12 +25,9 @@ from jaxradix.pallas_kernels.quantized_kv import QUANTIZED_KV_DTYPES, QuantizedK
 from jaxradix.pallas_kernels.reference import ragged_paged_attention as reference
 
 
-def quantized_batch(case_name: str, kv_dtype: str, q_dtype, *, free_pages: int = 0):
-    """(q, poisoned quantized pool, clean quantized pool, md); `free_pages` more unowned pages."""
+def quantized_batch(case_name: str, kv_dtype: str, q_dtype):
+    """(q, poisoned quantized pool, clean quantized pool, md)."""
     q, poisoned, _, md = make_batch(CASES[case_name], jnp.float32)
-    if free_pages:
-        nan = jnp.full((free_pages, *poisoned.shape[1:]), jnp.nan, poisoned.dtype)
-        poisoned = jnp.concatenate([poisoned, nan])
     unowned = jnp.isnan(poisoned[:, 0, 0, 0])[:, None, None]  # [P, 1, 1]
     data, scale = quantize(jnp.nan_to_num(poisoned), QUANTIZED_KV_DTYPES[kv_dtype])
     bad = QuantizedKV(data, jnp.where(unowned, jnp.nan, scale).astype(scale.dtype))
@@ -38,9 +35,9 @@ def quantized_batch(case_name: str, kv_dtype: str, q_dtype, *, free_pages: int =
     return q.astype(q_dtype), bad, clean, md
 
 
-def check_quantized(case_name: str, kv_dtype: str, attention, *, q_dtype=jnp.bfloat16, free_pages: int = 0, **kw):
+def check_quantized(case_name: str, kv_dtype: str, attention, *, q_dtype=jnp.bfloat16, **kw):
     case = CASES[case_name]
-    q, poisoned, clean, md = quantized_batch(case_name, kv_dtype, q_dtype, free_pages=free_pages)
+    q, poisoned, clean, md = quantized_batch(case_name, kv_dtype, q_dtype)
     params = dict(sm_scale=case.D**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap)
     want = reference(q, dequantize_kv(clean, q_dtype), md, **params)
     got = attention(q, poisoned, md, **params, **kw)
@@ -53,11 +50,11 @@ def check_quantized(case_name: str, kv_dtype: str, attention, *, q_dtype=jnp.bfl
 @pytest.mark.parametrize(
     "case_name, kv_dtype, kw",
     [
-        ("decode", "int8", dict(num_kv_splits=2, kv_block_pages=4)),  # kv splits and their merge
-        # a shared prefix, several kv blocks through the ring; a pool larger than the page table
-        # (scale rows gathered per sequence instead of the whole layer's transposed)
-        ("mixed", "fp8_e4m3", dict(kv_block_pages=4, free_pages=40)),
+        # KH 3: the scale blocks' head axis is padded to 8 for TMA; kv splits and their merge
+        ("decode", "int8", dict(num_kv_splits=2, kv_block_pages=4)),
+        ("mixed", "fp8_e4m3", dict(kv_block_pages=4)),  # a shared prefix, several kv blocks through the ring
         ("page64", "fp8_e5m2", dict(kv_block_pages=1, kv_slots=3)),  # page 64, window, soft cap
+        ("extend", "int8", {}),  # KH 4: scale blocks TMA-read straight from the pool's scales
     ],
 )
 def test_gpu_kernel_quantized(case_name, kv_dtype, kw):
@@ -94,18 +91,21 @@ def test_gpu_plan_quantized():
     bf16 = gpu_kernel.plan(32, 32, 128, 16, 8, 4, 128, 2, 2, sm_count=132)
     quant = gpu_kernel.plan(32, 32, 128, 16, 8, 4, 128, 1, 2, sm_count=132, quantized=True)
     assert (quant.num_splits, quant.kv_block_pages, quant.ctas_per_sm) == (bf16.num_splits, 4, 2)
-    NB, D = 64, 128
+    NB, D, C = 64, 128, 16  # C: the scale block's columns (2*KH)
     ring = 2 * 2 * NB * D  # R=2 slots of K and V pages, 1 byte per value
-    assert quant.smem_bytes - bf16.smem_bytes == -ring + 2 * 2 * NB * 2 + 2 * NB * D * 2
+    assert quant.smem_bytes - bf16.smem_bytes == -ring + 2 * NB * C * 2 + 2 * NB * D * 2
 
 
-@pytest.mark.parametrize("platform, kv_dtype", [("cuda", "int8"), ("cuda", "fp8_e4m3"), ("tpu", "int8")])
-def test_quantized_kernels_lower_for_hardware(platform, kv_dtype):
+@pytest.mark.parametrize(
+    "platform, kv_dtype, KH", [("cuda", "int8", 8), ("cuda", "fp8_e4m3", 3), ("tpu", "int8", 8)]
+)
+def test_quantized_kernels_lower_for_hardware(platform, kv_dtype, KH):
     """The non-interpreted kernels lower on CPU for a quantized pool: Mosaic GPU through its layout
     inference for sm_90 (the int8/fp8 tile loaded from swizzled SMEM, upcast and scaled in
-    registers, stored for the wgmma), Mosaic TPU to its MLIR."""
+    registers, stored for the wgmma; scale blocks read from the pool at KH 8, padded at KH 3),
+    Mosaic TPU to its MLIR."""
     SDS = jax.ShapeDtypeStruct
-    T, B, MP, S, KH, G, D = 8, 8, 16, 16, 8, 4, 128
+    T, B, MP, S, G, D = 8, 8, 16, 16, 4, 128
     q = SDS((T, KH * G, D), jnp.bfloat16)
     P = B * MP + 1
     pool = QuantizedKV(SDS((P, S, 2 * KH, D), QUANTIZED_KV_DTYPES[kv_dtype]), SDS((P, S, 2 * KH), jnp.bfloat16))

@@ -27,12 +27,12 @@ when shared memory allows, and finds tiles and rows with one comparison pass ins
 binary-search loop. ``plan()`` returns the choices for a shape (the benchmark prints them).
 
 Quantized pools (``QuantizedKV``: int8/fp8 values, a bf16 scale per token and K/V head). The ring
-holds the 1-byte pages (half the TMA bytes of bf16) and, per page, the head's ``[S]`` scale row,
-TMA-loaded from a ``[2*KH, N, S]`` view of the scales the wrapper builds (the pool's scale rows are
-strided, which TMA cannot read): the scales of the pages the batch's page table names, or the whole
-layer's scales transposed when that is smaller. When a block has landed, the kernel dequantizes it
-through registers (values x scale, rounded to bf16: exactly ``dequantize_kv(kv, bf16)``) into one
-bf16 K and one bf16 V tile that the wgmmas read; the rest of the kernel is the bf16 kernel.
+holds the 1-byte pages (half the TMA bytes of bf16) and, per page, its ``[S, 2*KH]`` scale block
+(all heads: one contiguous TMA box, read straight from the pool's scales when ``2*KH`` bf16 is a
+multiple of 16 bytes; otherwise the wrapper pads the head axis to 8, a copy of the layer's scales).
+When a block has landed, the kernel picks its head's scale column in registers and dequantizes the
+K (then the V) tile through registers (values x scale, rounded to bf16: exactly
+``dequantize_kv(kv, bf16)``) into one bf16 tile that the wgmmas read; the rest is the bf16 kernel.
 """
 
 from __future__ import annotations
@@ -66,18 +66,19 @@ _QUANT_COMPUTE = jnp.bfloat16  # the wgmma operand dtype of a quantized pool's d
 class _QuantRefs:
     """The extra operands and scratch of a quantized pool (None for a bf16/f16 pool)."""
 
-    scale_ref: Any  # [2*KH, N, S] bf16 GMEM, scale rows (row of page p of seq b: see scale_row)
-    ks_smem: Any  # [R, NB] bf16 SMEM, scale ring of the K tiles
-    vs_smem: Any  # [R, NB] bf16 SMEM
+    scale_ref: Any  # [P, S, C] bf16 GMEM, the pool's scales (C = 2*KH, padded to a multiple of 8)
+    scale_smem: Any  # [R, NB, C] bf16 SMEM, scale ring (K and V heads)
     k16_smem: Any  # [NB, D] bf16 SMEM, swizzled: the dequantized K tile the wgmma reads
     v16_smem: Any  # [NB, D] bf16 SMEM
-    rows_by_page: bool  # scale_ref rows are pool pages (else seq * MP + p)
 
 
-def _dequantize_tile(data_smem, scale_smem, out_smem) -> None:
-    """out = bf16(data * scale[:, None]): [NB, D] int8/fp8 swizzled SMEM, [NB] bf16 -> [NB, D] bf16."""
+def _dequantize_tile(data_smem, scale_smem, column, out_smem) -> None:
+    """out = bf16(data * scale[:, column, None]): data [NB, D] int8/fp8 swizzled SMEM, scale
+    [NB, C] bf16 SMEM, out [NB, D] bf16 swizzled SMEM."""
     x = plgpu.load(data_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # [NB, D]
-    scale = plgpu.load(scale_smem, layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)  # [NB]
+    scales = plgpu.load(scale_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)  # [NB, C]
+    col = plgpu.broadcasted_iota(jnp.int32, scales.shape, 1, layout=plgpu.Layout.WGMMA)  # [NB, C]
+    scale = jnp.where(col == column, scales, 0.0).sum(axis=1)  # [NB]: a column pick, in row layout
     out_smem[...] = (x * lax.broadcast_in_dim(scale, x.shape, [0])).astype(out_smem.dtype)
     plgpu.commit_smem()  # the async proxy (wgmma) reads what every thread wrote
 
@@ -96,14 +97,13 @@ def _kernel(
     num_splits: int,
     interpreted: bool,
     quantized: bool,
-    scale_rows_by_page: bool = False,
 ):
     """Unpacks the quantized operands, if any, around the operands of the bf16 kernel."""
     quant = None
     if quantized:
         scale_ref, *refs = refs
-        *refs, ks_smem, vs_smem, k16_smem, v16_smem = refs
-        quant = _QuantRefs(scale_ref, ks_smem, vs_smem, k16_smem, v16_smem, scale_rows_by_page)
+        *refs, scale_smem, k16_smem, v16_smem = refs
+        quant = _QuantRefs(scale_ref, scale_smem, k16_smem, v16_smem)
     _attention_kernel(
         desc_ref, page_table_ref, q_ref, kv_ref, *refs, quant=quant, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, group=group, pages_per_block=pages_per_block,
@@ -163,7 +163,7 @@ def _attention_kernel(
         """TMA of kv block j into ring slot `slot`: PB K pages and PB V pages (and their scale rows)."""
         for i in range(PB):
             # Pages past the range re-read the last page (masked), so every block makes
-            # exactly PB (2*PB when quantized) arrivals per barrier.
+            # exactly PB arrivals per barrier (2*PB on k_bar when quantized: values and scales).
             p = jnp.minimum(jnp.minimum(page_lo + j * PB + i, last_page), MP - 1)
             page = page_table_ref[seq, p]
             rows = pl.ds(i * S, S)
@@ -171,10 +171,8 @@ def _attention_kernel(
             v_page = kv_ref.at[page, :, KH + h, :]  # [S, D]
             plgpu.copy_gmem_to_smem(k_page, k_smem.at[slot, rows], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_page, v_smem.at[slot, rows], v_bar.at[slot])
-            if quant is not None:
-                row = page if quant.rows_by_page else seq * MP + p
-                plgpu.copy_gmem_to_smem(quant.scale_ref.at[h, row], quant.ks_smem.at[slot, rows], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(quant.scale_ref.at[KH + h, row], quant.vs_smem.at[slot, rows], v_bar.at[slot])
+            if quant is not None:  # [S, C]: the page's scales, every head (V's land before V is read)
+                plgpu.copy_gmem_to_smem(quant.scale_ref.at[page], quant.scale_smem.at[slot, rows], k_bar.at[slot])
 
     def kv_step(j, carry, *, masked: bool):
         acc, m_i, l_i = carry  # [64, D] f32, [64] f32 (log2 units), [64] f32
@@ -182,7 +180,7 @@ def _attention_kernel(
         plgpu.barrier_wait(k_bar.at[slot])
         k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]  # [NB, D] wgmma operands
         if quant is not None:
-            _dequantize_tile(k_tile, quant.ks_smem.at[slot], quant.k16_smem)
+            _dequantize_tile(k_tile, quant.scale_smem.at[slot], h, quant.k16_smem)
             k_tile, v_tile = quant.k16_smem, quant.v16_smem
 
         def qk(acc_ref):
@@ -211,7 +209,7 @@ def _attention_kernel(
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bar.at[slot])
         if quant is not None:
-            _dequantize_tile(v_smem.at[slot], quant.vs_smem.at[slot], quant.v16_smem)
+            _dequantize_tile(v_smem.at[slot], quant.scale_smem.at[slot], KH + h, quant.v16_smem)
 
         p16 = p.astype(v_tile.dtype)
         if p_smem is None:  # P stays in registers, PV accumulates into acc in place
@@ -340,14 +338,16 @@ _SMEM_MARGIN = 4096  # bytes left for allocation alignment when v2 picks a deepe
 
 
 def _smem_bytes(
-    NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool, slots: int = 2, quantized: bool = False
+    NB: int, D: int, itemsize: int, part_itemsize: int, interpreted: bool, slots: int = 2, scale_cols: int = 0
 ) -> int:
-    """`itemsize`: the ring's (the pool's values); a quantized pool's wgmma operands are bf16."""
+    """`itemsize`: the ring's (the pool's values); `scale_cols` > 0: a quantized pool, whose ring also
+    holds [NB, scale_cols] bf16 scales and whose wgmma operands are bf16."""
+    quantized = scale_cols > 0
     op = 2 if quantized else itemsize  # wgmma operand itemsize
     q_tile, kv_ring, out = ROWS * D * op, slots * 2 * NB * D * itemsize, ROWS * D * part_itemsize
     reduction_scratch = 2048  # plgpu.CompilerParams.reduction_scratch_bytes
     # Quantized: the scale rows of the ring, and the dequantized K and V tiles.
-    dequant = slots * 2 * NB * 2 + 2 * NB * D * op if quantized else 0
+    dequant = slots * NB * scale_cols * 2 + 2 * NB * D * op if quantized else 0
     return q_tile + kv_ring + out + ROWS * 4 + (ROWS * NB * op if interpreted else 0) + reduction_scratch + dequant
 
 
@@ -405,7 +405,8 @@ def plan(
     sms = _NUM_SMS if variant == "v1" else (sm_count or device_sm_count())
 
     def smem(ns: int, r: int) -> int:
-        return _smem_bytes(PB * S, D, itemsize, q_itemsize if ns == 1 else 4, interpreted, slots=r, quantized=quantized)
+        part = q_itemsize if ns == 1 else 4
+        return _smem_bytes(PB * S, D, itemsize, part, interpreted, slots=r, scale_cols=_scale_cols(KH) * quantized)
 
     if variant == "v1":
         NS = num_kv_splits or default_num_splits(NT, KH, max_blocks)
@@ -477,8 +478,7 @@ def ragged_paged_attention(
     swizzle = 128  # bytes: a 64-element bf16 row; wgmma operands in 8-row swizzled tiles
     tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(op_dtype).itemsize))
     transforms = (tiling, plgpu.SwizzleTransform(swizzle))
-    ring_transforms, extra_in, quant_scratch, arrivals = transforms, (), (), PB
-    rows_by_page = False
+    ring_transforms, extra_in, quant_scratch = transforms, (), ()
     if quantized:
         # The 1-byte ring: rows of D bytes (64-byte swizzle at D=64).
         ring_swizzle = min(128, D * values.dtype.itemsize)
@@ -486,14 +486,14 @@ def ragged_paged_attention(
             plgpu.TilingTransform((8, ring_swizzle // values.dtype.itemsize)),
             plgpu.SwizzleTransform(ring_swizzle),
         )
-        extra_in, rows_by_page = _scale_rows(kv_pool.scale, md.page_table)
+        C = _scale_cols(KH)
+        scales = kv_pool.scale  # [P, S, 2*KH]: TMA needs rows of a multiple of 16 bytes
+        extra_in = (scales if C == 2 * KH else jnp.pad(scales, ((0, 0), (0, 0), (0, C - 2 * KH))),)  # [P, S, C]
         quant_scratch = (
-            plgpu.SMEM((R, PB * S), SCALE_DTYPE),
-            plgpu.SMEM((R, PB * S), SCALE_DTYPE),
+            plgpu.SMEM((R, PB * S, C), SCALE_DTYPE),
             plgpu.SMEM((PB * S, D), op_dtype, transforms=transforms),
             plgpu.SMEM((PB * S, D), op_dtype, transforms=transforms),
         )
-        arrivals = 2 * PB  # a value and a scale copy per page
     kernel = plgpu.kernel(
         functools.partial(
             _kernel,
@@ -505,7 +505,6 @@ def ragged_paged_attention(
             num_splits=NS,
             interpreted=interpreted,
             quantized=quantized,
-            scale_rows_by_page=rows_by_page,
         ),
         out_type=(
             jax.ShapeDtypeStruct((NS, KH, T * G + ROWS, D), part_dtype),
@@ -518,8 +517,8 @@ def ragged_paged_attention(
             plgpu.SMEM((ROWS, D), part_dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=arrivals, num_barriers=R),
-            plgpu.Barrier(num_arrivals=arrivals, num_barriers=R),
+            plgpu.Barrier(num_arrivals=PB * (1 + quantized), num_barriers=R),  # K values (+ scales)
+            plgpu.Barrier(num_arrivals=PB, num_barriers=R),
             *([plgpu.SMEM((ROWS, PB * S), op_dtype, transforms=transforms)] if interpreted else []),
             *quant_scratch,
         ),
@@ -541,18 +540,10 @@ def ragged_paged_attention(
     return jnp.where(valid, o, 0).astype(q.dtype)
 
 
-def _scale_rows(
-    scale: jax.Array,  # [P, S, 2*KH] bf16, one layer's scales
-    page_table: jax.Array,  # [B, MP] int32
-) -> tuple[tuple[jax.Array], bool]:  # ([2*KH, N, S] scale rows,), rows are pool pages
-    """Scale rows the kernel can TMA (a contiguous [S] per page and head): the whole layer's scales
-    transposed (row = pool page) or, when the page table names fewer pages than the pool holds,
-    the named pages' scales gathered (row = seq * MP + p). Either costs ~2/D of the bytes read."""
-    P, S, KH2 = scale.shape
-    B, MP = page_table.shape
-    if P <= B * MP:
-        return (scale.transpose(2, 0, 1),), True
-    return (scale[page_table].reshape(B * MP, S, KH2).transpose(2, 0, 1),), False
+def _scale_cols(KH: int) -> int:
+    """Columns of a quantized pool's scale block as the kernel reads it: 2*KH, padded to a multiple
+    of 8 (a TMA row is a multiple of 16 bytes; a wgmma-layout tile a multiple of 8 columns)."""
+    return -(-2 * KH // 8) * 8
 
 
 def _merge_splits(
