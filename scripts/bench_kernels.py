@@ -116,8 +116,19 @@ def copy_bandwidth(nbytes: int, **timing) -> float:
     return 2 * x.nbytes / time_fn(lambda: copy(x), **timing)
 
 
-def run_attention(attention: Callable, batch: Batch, sm_scale: float) -> Callable[[], jax.Array]:
-    fn = jax.jit(functools.partial(attention, sm_scale=sm_scale))
+def run_attention(attention: Callable, batch: Batch, sm_scale: float, layers: int = 1) -> Callable[[], jax.Array]:
+    """One jitted call; `layers` > 1: that many calls chained in one jit (each call's output is the
+    next one's queries, as layers in the model step), so host dispatch is paid once, not per call."""
+    if layers == 1:
+        fn = jax.jit(functools.partial(attention, sm_scale=sm_scale))
+    else:
+
+        def chained(q, pool, md):
+            for _ in range(layers):  # unrolled, like the step's layer loop
+                q = attention(q, pool, md, sm_scale=sm_scale)
+            return q
+
+        fn = jax.jit(chained)
     return lambda: fn(batch.q, batch.pool, batch.md)
 
 
@@ -193,6 +204,9 @@ def main() -> None:
                     help="KV pool dtypes to time side by side (default: --dtype)")  # fmt: skip
     ap.add_argument("--extend", type=str, nargs="+", default=None,
                     help="prefill rows as NxL or NxL+P (N sequences of L new tokens after P cached)")  # fmt: skip
+    ap.add_argument("--layers", type=int, default=1,
+                    help="decode: time this many calls chained in one jit and report the time per call "
+                         "(host dispatch paid once, the wrapper's glue per call, as in the model step)")  # fmt: skip
     ap.add_argument("--variants", nargs="+", default=["v2", "v1"], help="GPU kernel variants to time")
     ap.add_argument("--no-gathered", action="store_true")
     ap.add_argument("--reference", action="store_true", help="also time the per-token reference (slow)")
@@ -245,7 +259,8 @@ def main() -> None:
     copy_bw = copy_bandwidth((1 << 20) if args.smoke else (1 << 30), **timing)
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write)")
 
-    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name} queries")
+    per = "" if args.layers == 1 else f", time per call of {args.layers} chained in one jit"
+    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name} queries{per}")
     header = f"{'impl':<24}{'kv':>9}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}"
     print(f"{header}{'max|err|':>10}  plan")
     decode_shapes = [(B, S, ctx, kv) for B in args.batches for S in args.page_sizes for ctx in args.contexts
@@ -257,7 +272,10 @@ def main() -> None:
         for name, attention in kernels.items():
             how = ref_timing if name == "reference" else timing
             fn = run_attention(attention, batch, sm_scale)
-            t = try_time(lambda fn=fn: fn, **how)
+            layers = 1 if name == "reference" else args.layers
+            chained = functools.partial(run_attention, attention, batch, sm_scale, layers)
+            t = try_time((lambda fn=fn: fn) if layers == 1 else chained, **how)
+            t = None if t is None else t / layers
             if t is not None:
                 outs[name] = np.asarray(fn(), np.float32)
             bw = None if t is None else nbytes / t
@@ -283,7 +301,8 @@ def main() -> None:
                 for tokens, R, NS in SWEEP:
                     over = dict(kv_block_pages=max(1, tokens // S), num_kv_splits=NS, kv_slots=R)
                     fn = functools.partial(gpu_kernel, **over)
-                    t = try_time(functools.partial(run_attention, fn, batch, sm_scale), **timing)
+                    t = try_time(functools.partial(run_attention, fn, batch, sm_scale, args.layers), **timing)
+                    t = None if t is None else t / args.layers
                     frac = None if t is None else nbytes / t / copy_bw
                     print(f"{'pallas-v2':<24}{args.batches[0]:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}"
                           f"{fmt(frac, '9.1%'):>18}  {gpu_plan(batch, 'v2', **over)}", flush=True)  # fmt: skip
