@@ -205,8 +205,8 @@ def main() -> None:
     ap.add_argument("--extend", type=str, nargs="+", default=None,
                     help="prefill rows as NxL or NxL+P (N sequences of L new tokens after P cached)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=1,
-                    help="decode: time this many calls chained in one jit and report the time per call "
-                         "(host dispatch paid once, the wrapper's glue per call, as in the model step)")  # fmt: skip
+                    help="decode, N > 1: also time N calls chained in one jit, per call (host dispatch paid "
+                         "once, the wrapper's glue per call, as in the model step's layer loop)")  # fmt: skip
     ap.add_argument("--variants", nargs="+", default=["v2", "v1"], help="GPU kernel variants to time")
     ap.add_argument("--no-gathered", action="store_true")
     ap.add_argument("--reference", action="store_true", help="also time the per-token reference (slow)")
@@ -259,9 +259,10 @@ def main() -> None:
     copy_bw = copy_bandwidth((1 << 20) if args.smoke else (1 << 30), **timing)
     print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write)")
 
-    per = "" if args.layers == 1 else f", time per call of {args.layers} chained in one jit"
-    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name} queries{per}")
+    print(f"\ndecode: KH {KH}, NH {KH * G}, D {D}, {dtype.name} queries")
+    chain = args.layers > 1  # extra columns: time per call of `layers` calls chained in one jit
     header = f"{'impl':<24}{'kv':>9}{'batch':>6}{'page':>6}{'ctx':>7}{'time us':>10}{'GB/s':>9}{'of copy':>9}"
+    header += f"{f'x{args.layers} us':>10}{'of copy':>9}" if chain else ""
     print(f"{header}{'max|err|':>10}  plan")
     decode_shapes = [(B, S, ctx, kv) for B in args.batches for S in args.page_sizes for ctx in args.contexts
                      for kv in kv_dtypes]  # fmt: skip
@@ -272,27 +273,32 @@ def main() -> None:
         for name, attention in kernels.items():
             how = ref_timing if name == "reference" else timing
             fn = run_attention(attention, batch, sm_scale)
-            layers = 1 if name == "reference" else args.layers
-            chained = functools.partial(run_attention, attention, batch, sm_scale, layers)
-            t = try_time((lambda fn=fn: fn) if layers == 1 else chained, **how)
-            t = None if t is None else t / layers
+            t = try_time(lambda fn=fn: fn, **how)
+            t_chain = None
             if t is not None:
                 outs[name] = np.asarray(fn(), np.float32)
-            bw = None if t is None else nbytes / t
-            frac = None if bw is None else bw / copy_bw
+                if chain and name != "reference":
+                    t_chain = try_time(functools.partial(run_attention, attention, batch, sm_scale, args.layers), **how)
+                    t_chain = None if t_chain is None else t_chain / args.layers
             note = gpu_plan(batch, name[len("pallas-"):]) if on_gpu and name.startswith("pallas-v") else ""
-            rows.append((name, t, bw, frac, note))
+            rows.append((name, t, t_chain, note))
         # max |error| against the gathered (or reference) output, on the dequantized pool if quantized
         base = next((n for n in ("dequantized", "gathered", "reference") if n in outs), None)
-        for name, t, bw, frac, note in rows:
+        for name, t, t_chain, note in rows:
             err = None if base is None or name not in outs else float(np.abs(outs[name] - outs[base]).max())
-            print(f"{name:<24}{kv_dtype:>9}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
-                  f"{fmt(frac, '9.1%')}{fmt(err, '10.4f')}  {note}", flush=True)  # fmt: skip
+            bw = None if t is None else nbytes / t
+            line = f"{name:<24}{kv_dtype:>9}{B:>6}{S:>6}{ctx:>7}{fmt(t, '10.1f', 1e6)}{fmt(bw, '9.1f', 1e-9)}"
+            line += fmt(None if bw is None else bw / copy_bw, "9.1%")
+            if chain:
+                frac_chain = None if t_chain is None else nbytes / t_chain / copy_bw
+                line += fmt(t_chain, "10.1f", 1e6) + fmt(frac_chain, "9.1%")
+            print(f"{line}{fmt(err, '10.4f')}  {note}", flush=True)
 
     if "sweep" in parts and on_gpu:
         from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
 
-        print("\ndecode sweep (pallas-v2 with forced kv splits NS, ring slots R, pages per block PB)")
+        per = f", time per call of {args.layers} chained in one jit" if args.layers > 1 else ""
+        print(f"\ndecode sweep (pallas-v2 with forced kv splits NS, ring slots R, pages per block PB{per})")
         for S in args.page_sizes:
             for ctx in (args.contexts[0], args.contexts[-1]):
                 batch = make_batch([1] * args.batches[0], [ctx] * args.batches[0], S=S, KH=KH, G=G, D=D, dtype=dtype,
