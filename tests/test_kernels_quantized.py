@@ -50,10 +50,11 @@ def check_quantized(case_name: str, kv_dtype: str, attention, *, q_dtype=jnp.bfl
 @pytest.mark.parametrize(
     "case_name, kv_dtype, kw",
     [
-        # KH 3: the scale blocks' head axis is padded to 8 for TMA; kv splits and their merge
+        # KH 3: the scale blocks' head axis is padded to 8 for TMA; kv splits (one empty) and their merge
         ("decode", "int8", dict(num_kv_splits=2, kv_block_pages=4)),
-        ("mixed", "fp8_e4m3", dict(kv_block_pages=4)),  # a shared prefix, several kv blocks through the ring
-        ("page64", "fp8_e5m2", dict(kv_block_pages=1, kv_slots=3)),  # page 64, window, soft cap
+        ("mixed", "fp8_e4m3", dict(kv_block_pages=4)),  # decode and extend rows, a shared prefix page
+        # page 64, window, soft cap; four kv blocks through a three-slot ring (refills)
+        ("page64", "fp8_e5m2", dict(kv_block_pages=1, kv_slots=3)),
         ("extend", "int8", {}),  # KH 4: scale blocks TMA-read straight from the pool's scales
     ],
 )
@@ -86,14 +87,17 @@ def test_dispatch_quantized():
 
 
 def test_gpu_plan_quantized():
-    """A quantized pool's ring holds 1-byte pages plus bf16 scale rows, and the kernel adds one
-    dequantized bf16 K and V tile: decode at batch 32 (KH 8, D 128) still fits two CTAs per SM."""
+    """A quantized pool's ring holds 1-byte pages plus [NB, 2*KH] bf16 scale blocks, and the kernel
+    adds one dequantized bf16 tile (K, then V): at decode, batch 32 (KH 8, D 128), that leaves room
+    for a third ring slot while two CTAs still fit an SM (a bf16 pool keeps two slots)."""
     bf16 = gpu_kernel.plan(32, 32, 128, 16, 8, 4, 128, 2, 2, sm_count=132)
     quant = gpu_kernel.plan(32, 32, 128, 16, 8, 4, 128, 1, 2, sm_count=132, quantized=True)
-    assert (quant.num_splits, quant.kv_block_pages, quant.ctas_per_sm) == (bf16.num_splits, 4, 2)
+    assert (bf16.kv_slots, bf16.ctas_per_sm) == (2, 2)
+    assert (quant.num_splits, quant.kv_block_pages, quant.kv_slots, quant.ctas_per_sm) == (bf16.num_splits, 4, 3, 2)
     NB, D, C = 64, 128, 16  # C: the scale block's columns (2*KH)
-    ring = 2 * 2 * NB * D  # R=2 slots of K and V pages, 1 byte per value
-    assert quant.smem_bytes - bf16.smem_bytes == -ring + 2 * NB * C * 2 + 2 * NB * D * 2
+    quant_ring = 3 * (2 * NB * D + NB * C * 2) + NB * D * 2  # 3 slots of K, V pages and scales; one bf16 tile
+    assert quant.smem_bytes - bf16.smem_bytes == quant_ring - 2 * 2 * NB * D * 2
+    assert gpu_kernel.plan(32, 32, 128, 16, 8, 4, 128, 1, 2, kv_slots=2, quantized=True).kv_slots == 2
 
 
 @pytest.mark.parametrize(

@@ -68,8 +68,9 @@ class _QuantRefs:
 
     scale_ref: Any  # [P, S, C] bf16 GMEM, the pool's scales (C = 2*KH, padded to a multiple of 8)
     scale_smem: Any  # [R, NB, C] bf16 SMEM, scale ring (K and V heads)
-    k16_smem: Any  # [NB, D] bf16 SMEM, swizzled: the dequantized K tile the wgmma reads
-    v16_smem: Any  # [NB, D] bf16 SMEM
+    # [NB, D] bf16 SMEM, swizzled: the dequantized K tile, then V tile, that the wgmmas read (V is
+    # written after the QK^T wgmma has completed: its scores were read back)
+    tile16_smem: Any
 
 
 def _dequantize_tile(data_smem, scale_smem, column, out_smem) -> None:
@@ -102,8 +103,8 @@ def _kernel(
     quant = None
     if quantized:
         scale_ref, *refs = refs
-        *refs, scale_smem, k16_smem, v16_smem = refs
-        quant = _QuantRefs(scale_ref, scale_smem, k16_smem, v16_smem)
+        *refs, scale_smem, tile16_smem = refs
+        quant = _QuantRefs(scale_ref, scale_smem, tile16_smem)
     _attention_kernel(
         desc_ref, page_table_ref, q_ref, kv_ref, *refs, quant=quant, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, group=group, pages_per_block=pages_per_block,
@@ -180,8 +181,8 @@ def _attention_kernel(
         plgpu.barrier_wait(k_bar.at[slot])
         k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]  # [NB, D] wgmma operands
         if quant is not None:
-            _dequantize_tile(k_tile, quant.scale_smem.at[slot], h, quant.k16_smem)
-            k_tile, v_tile = quant.k16_smem, quant.v16_smem
+            _dequantize_tile(k_tile, quant.scale_smem.at[slot], h, quant.tile16_smem)
+            k_tile, v_tile = quant.tile16_smem, quant.tile16_smem
 
         def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem, k_tile.T)
@@ -209,7 +210,7 @@ def _attention_kernel(
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bar.at[slot])
         if quant is not None:
-            _dequantize_tile(v_smem.at[slot], quant.scale_smem.at[slot], KH + h, quant.v16_smem)
+            _dequantize_tile(v_smem.at[slot], quant.scale_smem.at[slot], KH + h, quant.tile16_smem)
 
         p16 = p.astype(v_tile.dtype)
         if p_smem is None:  # P stays in registers, PV accumulates into acc in place
@@ -346,8 +347,8 @@ def _smem_bytes(
     op = 2 if quantized else itemsize  # wgmma operand itemsize
     q_tile, kv_ring, out = ROWS * D * op, slots * 2 * NB * D * itemsize, ROWS * D * part_itemsize
     reduction_scratch = 2048  # plgpu.CompilerParams.reduction_scratch_bytes
-    # Quantized: the scale rows of the ring, and the dequantized K and V tiles.
-    dequant = slots * NB * scale_cols * 2 + 2 * NB * D * op if quantized else 0
+    # Quantized: the scale blocks of the ring, and the one dequantized (K, then V) tile.
+    dequant = slots * NB * scale_cols * 2 + NB * D * op if quantized else 0
     return q_tile + kv_ring + out + ROWS * 4 + (ROWS * NB * op if interpreted else 0) + reduction_scratch + dequant
 
 
@@ -412,10 +413,15 @@ def plan(
         NS = num_kv_splits or default_num_splits(NT, KH, max_blocks)
         R = kv_slots or 2
     else:
-        R = kv_slots or 2  # a third slot never fits without costing a resident CTA; kv_slots= tries it
+        # A bf16 pool's third slot never fits without costing a resident CTA (kv_slots= tries it); a
+        # quantized pool's 1-byte ring takes one when the CTAs per SM stay the same.
+        R = kv_slots or 2
         per_sm = max(1, _MAX_SMEM // (smem(2, R) + _SMEM_MARGIN))
         # About one wave of resident CTAs (never a split, nor its merge pass, for a near-full wave).
         NS = num_kv_splits or int(max(1, min(round(sms * per_sm / (NT * KH)), 16, max_blocks)))
+        if quantized and kv_slots is None:
+            resident = [_MAX_SMEM // (smem(NS, r) + _SMEM_MARGIN) for r in (2, 3)]
+            R = 3 if resident[1] >= resident[0] else 2
     nbytes = smem(NS, R)
     return KernelPlan(variant, NT, NS, PB, R, nbytes, max(1, _MAX_SMEM // (nbytes + _SMEM_MARGIN)), sms)
 
@@ -491,7 +497,6 @@ def ragged_paged_attention(
         extra_in = (scales if C == 2 * KH else jnp.pad(scales, ((0, 0), (0, 0), (0, C - 2 * KH))),)  # [P, S, C]
         quant_scratch = (
             plgpu.SMEM((R, PB * S, C), SCALE_DTYPE),
-            plgpu.SMEM((PB * S, D), op_dtype, transforms=transforms),
             plgpu.SMEM((PB * S, D), op_dtype, transforms=transforms),
         )
     kernel = plgpu.kernel(
