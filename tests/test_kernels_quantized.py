@@ -86,6 +86,22 @@ def test_dispatch_quantized():
         gpu_attention(q, f32_scales, md, sm_scale=1.0)
 
 
+def test_gpu_dispatch_quantized_falls_back_off_hopper(caplog):
+    """`auto` on a GPU the Mosaic kernel cannot serve hands the quantized pool, as it is, to the
+    fallback with a log line (on this CPU: no sm_90)."""
+    from jaxradix.pallas_kernels import _gpu_kernel
+
+    seen = []
+
+    def fallback(q, kv, md, **kwargs):
+        seen.append(type(kv))
+        return reference(q, jnp.nan_to_num(dequantize_kv(kv, q.dtype)), md, **kwargs)  # unowned pages: 0
+
+    with caplog.at_level("WARNING"):
+        check_quantized("mixed", "int8", _gpu_kernel(False, fallback=fallback))
+    assert seen == [QuantizedKV] and "sm_90" in caplog.text
+
+
 def test_gpu_plan_quantized():
     """A quantized pool's ring holds 1-byte pages plus [NB, 2*KH] bf16 scale blocks, and the kernel
     adds one dequantized bf16 tile (K, then V): at decode, batch 32 (KH 8, D 128), that leaves room
