@@ -161,7 +161,7 @@ def _attention_kernel(
     last_page = (kv_hi - 1) // S
 
     def fetch(j, slot):
-        """TMA of kv block j into ring slot `slot`: PB K pages and PB V pages (and their scale rows)."""
+        """TMA of kv block j into ring slot `slot`: PB K pages and PB V pages (and their scale blocks)."""
         for i in range(PB):
             # Pages past the range re-read the last page (masked), so every block makes
             # exactly PB arrivals per barrier (2*PB on k_bar when quantized: values and scales).
