@@ -323,7 +323,8 @@ def unsupported_reason(q: jax.Array, kv_pool: jax.Array | QuantizedKV) -> str | 
     D, S = q.shape[-1], kv_pool.shape[1]
     if is_quantized(kv_pool):
         if not is_quantized_dtype(kv_pool.dtype) or kv_pool.scale.dtype != SCALE_DTYPE:
-            return f"a quantized pool of {kv_pool.dtype} values and {kv_pool.scale.dtype} scales"
+            got = f"{kv_pool.dtype} values and {kv_pool.scale.dtype} scales"
+            return f"needs int8/fp8 values with bf16 scales, got {got}"
     elif kv_pool.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs a bf16 or f16 kv pool (wgmma operands), got {kv_pool.dtype}"
     if D not in (64, 128):
