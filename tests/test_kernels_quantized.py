@@ -86,20 +86,25 @@ def test_dispatch_quantized():
         gpu_attention(q, f32_scales, md, sm_scale=1.0)
 
 
-def test_gpu_dispatch_quantized_falls_back_off_hopper(caplog):
-    """`auto` on a GPU the Mosaic kernel cannot serve hands the quantized pool, as it is, to the
-    fallback with a log line (on this CPU: no sm_90)."""
-    from jaxradix.pallas_kernels import _gpu_kernel
+def test_auto_takes_quantized_pages(monkeypatch):
+    """`auto` hands a quantized pool to the platform's kernel as it is: on a TPU the Mosaic TPU kernel
+    (no gathered detour; here interpreted, with the platform faked), on CPU the gathered path."""
+    import jaxradix.pallas_kernels as pk
 
     seen = []
 
-    def fallback(q, kv, md, **kwargs):
-        seen.append(type(kv))
-        return reference(q, jnp.nan_to_num(dequantize_kv(kv, q.dtype)), md, **kwargs)  # unowned pages: 0
+    def tpu_kernel(interpret: bool):
+        def attention(q, kv, md, **kwargs):
+            seen.append(type(kv))
+            return tpu_attention(q, kv, md, **kwargs)
 
-    with caplog.at_level("WARNING"):
-        check_quantized("mixed", "int8", _gpu_kernel(False, fallback=fallback))
-    assert seen == [QuantizedKV] and "sm_90" in caplog.text
+        return attention
+
+    check_quantized("mixed", "fp8_e4m3", get_attention("auto"))  # CPU: gathered
+    monkeypatch.setattr(pk, "_tpu_kernel", tpu_kernel)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    check_quantized("mixed", "int8", get_attention("auto"), q_block_tokens=16)
+    assert seen == [QuantizedKV]
 
 
 def test_gpu_plan_quantized():

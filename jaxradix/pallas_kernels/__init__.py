@@ -2,12 +2,13 @@
 
 Every implementation is ``f(q, kv, md, *, sm_scale, sliding_window=None, soft_cap=None)
 -> [T, NH, D]`` with the semantics of ``reference.ragged_paged_attention``; ``kv`` is one
-layer's pool array ``[P, S, 2*KH, D]`` (the pool is a tuple of them, one per layer).
+layer's pool array ``[P, S, 2*KH, D]`` (the pool is a tuple of them, one per layer), or a
+quantized ``QuantizedKV`` (int8/fp8 values + bf16 scales) that every implementation also takes.
 
 - ``get_attention("auto")``: the Mosaic GPU kernel on Hopper GPUs, the Mosaic TPU kernel on
   TPUs, the per-sequence gather path (``gathered.py``) on CPU and on other GPUs (A100, L4, T4),
-  and wherever the Mosaic GPU kernel cannot take the operands (a quantized ``QuantizedKV`` pool, on
-  TPU too: the gathered path dequantizes the pages it reads).
+  and wherever the Mosaic GPU kernel cannot take the operands (with a log line). Both Mosaic kernels
+  read quantized pages and dequantize them in the kernel.
 - ``get_attention("pallas")``: a Pallas kernel; on CPU it runs in interpret mode, the TPU kernel
   unless ``interpret="gpu"``.
 - ``get_attention("gathered")``: the per-sequence gather path everywhere. On a GPU of compute
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 
 from jaxradix.pallas_kernels import reference
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
-from jaxradix.pallas_kernels.quantized_kv import is_quantized
 from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked, write_kv
 
 ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")
@@ -72,18 +72,6 @@ def _gpu_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn
             raise NotImplementedError(f"Mosaic GPU attention kernel: {why}")
         _log.warning("Mosaic GPU attention kernel: %s; using the gathered attention", why)
         return fallback(q, kv, md, **kwargs)
-
-    return attention
-
-
-def _unless_quantized(kernel: AttentionFn, fallback: AttentionFn) -> AttentionFn:
-    """`kernel`, except for a quantized pool (QuantizedKV), which goes to `fallback` with a log line."""
-
-    def attention(q, kv, md, **kwargs) -> jax.Array:
-        if is_quantized(kv):
-            _log.warning("attention kernel: no quantized KV pages (%s) yet; using the gathered attention", kv.dtype)
-            return fallback(q, kv, md, **kwargs)
-        return kernel(q, kv, md, **kwargs)
 
     return attention
 
@@ -137,7 +125,7 @@ def get_attention(backend: str = "auto", interpret: str | None = None) -> Attent
     if interpret is not None:
         return _tpu_kernel(True) if interpret == "tpu" else _gpu_kernel(True, fallback=None)
     if platform == "tpu":
-        return _tpu_kernel(False) if backend == "pallas" else _unless_quantized(_tpu_kernel(False), _gathered(platform))
+        return _tpu_kernel(False)
     if platform in ("gpu", "cuda"):
         return _gpu_kernel(False, fallback=_gathered(platform) if backend == "auto" else None)
     if backend == "pallas":  # CPU (or a platform without a kernel): interpret the TPU kernel
