@@ -136,9 +136,9 @@ def run_jaxradix(args: argparse.Namespace, work: Workloads):
     engine.check_integrity()
     import jax
 
-    nbytes = sum(int(w.nbytes) for w in engine.loaded.model.flat_params().values())  # arrays or QuantizedWeights
+    nbytes = sum(int(leaf.nbytes) for leaf in jax.tree.leaves(engine.runner.params))  # as served
     engine.shutdown()
-    return Figures(dec, tok_s, wall, f"quantization {args.quantization}, weights {nbytes / 1e6:.0f} MB, "
+    return Figures(dec, tok_s, wall, f"quantization {args.quantization}, weights on device {nbytes / 2**20:.0f} MiB, "
                                      f"radix hit rate {hit:.1%}, jax {jax.__version__}, "
                                      f"load average {os.getloadavg()[0]:.1f} after")
 
@@ -158,7 +158,8 @@ def workloads(args: argparse.Namespace) -> Workloads:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="a GGUF file (default: the embedded SmolLM2-135M Q4_1)")
-    ap.add_argument("--quantization", default="none", help="jaxradix --quantization (none|int8|fp8|gguf)")
+    ap.add_argument("--quantization", default=None,
+                    help="jaxradix --quantization (none|int8|fp8|gguf; default: the engine's, gguf on CPU)")
     ap.add_argument("--peer-python", default=None, help="the interpreter of a venv with llama-cpp-python")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--decode-tokens", type=int, default=128)
