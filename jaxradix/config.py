@@ -25,8 +25,7 @@ class EngineConfig:
     load_format: str = "auto"
     dtype: str = "auto"  # auto: the checkpoint's dtype; f32 checkpoints and GGUF serve in bf16 on GPU/TPU
     kv_cache_dtype: str = "auto"  # auto: the weights' dtype
-    # weights on the device: "none" dense; int8/fp8 per channel at load; gguf keeps a GGUF's blocks.
-    # None: gguf for a GGUF file on CPU, else none (models.loader.resolve_quantization)
+    # weights on the device: None/"none" dense; int8/fp8 per channel at load; gguf keeps a GGUF's blocks
     quantization: str | None = None
     context_length: int | None = None  # None: the model's max_position_embeddings (capped by the pool)
     page_size: int = 16

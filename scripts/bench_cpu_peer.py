@@ -159,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="a GGUF file (default: the embedded SmolLM2-135M Q4_1)")
     ap.add_argument("--quantization", default=None,
-                    help="jaxradix --quantization (none|int8|fp8|gguf; default: the engine's, gguf on CPU)")
+                    help="jaxradix --quantization (none|int8|fp8|gguf; default: the engine's)")
     ap.add_argument("--peer-python", default=None, help="the interpreter of a venv with llama-cpp-python")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--decode-tokens", type=int, default=128)

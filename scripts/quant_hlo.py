@@ -8,7 +8,9 @@ A quantized model passes when there is none: each weight is dequantized inside i
     python scripts/quant_hlo.py --model-path scripts/configs/llama-3.1-8b --load-format dummy \\
         --quantization int8 --tokens 1 8 256 --time 20            # on a GPU: fusions, and ms per step
 
-Exit status 1 when a dequantized weight copy is found (so a GPU session can assert it).
+Exit status 1 when a dequantized weight copy is found (so a GPU session can assert it). Buffers are
+matched by shape (either layout), so on a tiny model a CPU block of one weight can coincide with
+another weight's shape: read the listed instructions (a block lives in a while body, `region_*`).
 """
 
 from __future__ import annotations

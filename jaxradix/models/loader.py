@@ -105,14 +105,13 @@ def detect_format(path: Path) -> str:
                      f"config.json and *.safetensors, or an orbax checkpoint made by scripts/convert.py")
 
 
-def resolve_quantization(quantization: str | None, load_format: str, platform: str | None = None) -> str:
-    """None: a GGUF file keeps its quantized blocks on CPU ("gguf": exact and faster there, see
-    docs/benchmarks.md) and is dequantized at load elsewhere (not yet measured on a GPU); every other
-    source loads dense ("none"). "gguf" needs a GGUF file; "int8"/"fp8" quantize any source per output
-    channel at load."""
+def resolve_quantization(quantization: str | None, load_format: str) -> str:
+    """None: "none", dense weights (a GGUF file dequantized at load). Keeping a GGUF's blocks ("gguf")
+    is exact and decodes one request 1.4x faster on CPU, but compiles each step ~1.8x longer and
+    prefills no faster (docs/benchmarks.md), so it is asked for, not the default. "gguf" needs a GGUF
+    file; "int8"/"fp8" quantize any source per output channel at load."""
     if quantization is None:
-        cpu = (platform or jax.default_backend()) == "cpu"
-        return "gguf" if load_format == "gguf" and cpu else "none"
+        return "none"
     check_quantization(quantization)
     if quantization == "gguf" and load_format != "gguf":
         raise ValueError(f"quantization 'gguf' keeps a GGUF file's quantized blocks; this model loads as "
@@ -125,7 +124,7 @@ def load_model(model_path: str | Path | None = None, *, load_format: str = "auto
                quantization: str | None = None) -> LoadedModel:
     """Load a model and its tokenizer. model_path None means the embedded SmolLM2-135M-Instruct.
     tp_size > 1: every weight goes straight into its shards on a mesh of tp_size devices.
-    quantization: one of QUANTIZATIONS, or None (a GGUF on CPU: "gguf", else "none"): resolve_quantization."""
+    quantization: one of QUANTIZATIONS, or None ("none"): see resolve_quantization."""
     from jaxradix.models.embedded import embedded_model_path
     from jaxradix.models.hub import is_hub_id, resolve_model_path
 
@@ -348,8 +347,7 @@ def save_orbax(loaded: LoadedModel, out_dir: str | Path) -> Path:
                          "unsharded layout)")
     if loaded.quantization != "none":
         raise ValueError(f"save_orbax: load the model with quantization='none' to convert it (checkpoints "
-                         f"hold dense weights; quantization {loaded.quantization!r} is applied at load, and a "
-                         f"GGUF file on CPU keeps its blocks by default)")
+                         f"hold dense weights; quantization {loaded.quantization!r} is applied at load)")
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     state = _nest(loaded.model.flat_params())
