@@ -1,0 +1,77 @@
+"""The CPU int8 matmul behind quantization.dense and the CPU form of the tied logits (models/cpu_matmul.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxradix.models import cpu_matmul
+from jaxradix.models.quantization import dense, quantize_channels
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU matmul path")
+
+
+def _rand(shape: tuple[int, ...], seed: int) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7])
+def test_int8_dense_matches_dequantized_weight(tokens):
+    x, w = _rand((tokens, 96), 0), _rand((96, 160), 1)
+    q = quantize_channels(w, kind="int8")
+    ref = x @ q.dequantize()  # [T, N]: the same weight, f32 activations
+    y = dense(x, q)
+    assert y.shape == (tokens, 160) and y.dtype == x.dtype
+    # PARTS int8 parts per activation row: each term errs by at most |w| * amax(x) / (2 * 127 * 254^(PARTS-1))
+    bound = (jnp.max(jnp.abs(x), axis=1, keepdims=True) / (2 * 127 * cpu_matmul.RADIX ** (cpu_matmul.PARTS - 1))
+             * jnp.sum(jnp.abs(q.dequantize()), axis=0) + 1e-5 * (1 + jnp.abs(ref)))  # [T, N]
+    assert bool(jnp.all(jnp.abs(y - ref) <= bound))
+    assert float(jnp.max(jnp.abs(y - ref))) < 1e-3 * float(jnp.max(jnp.abs(ref)))
+
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_activation_parts_reconstruct_the_row(parts):
+    x = _rand((4, 200), 8) * jnp.array([[1.0], [1e-3], [1e3], [0.0]])  # rows of very different ranges
+    q, s = cpu_matmul.quantize_parts(x, parts)
+    assert q.dtype == jnp.int8 and q.shape == (parts * 4, 200) and s.shape == (4, 1)
+    back = s * sum(q[p * 4:(p + 1) * 4].astype(jnp.float32) / cpu_matmul.RADIX**p for p in range(parts))
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    bound = amax / (2 * 127 * cpu_matmul.RADIX ** (parts - 1)) + 1e-6 * amax
+    assert bool(jnp.all(jnp.abs(back - x) <= bound))
+
+
+def test_int8_dense_keeps_leading_axes_and_zero_rows():
+    x, w = _rand((2, 3, 64), 2), _rand((64, 32), 3)
+    x = x.at[0, 1].set(0.0)  # an all-zero row: scale 1, output exactly 0
+    q = quantize_channels(w, kind="int8")
+    y = dense(x, q)
+    assert y.shape == (2, 3, 32)
+    assert float(jnp.max(jnp.abs(y[0, 1]))) == 0.0
+    np.testing.assert_allclose(y.reshape(6, 32), dense(x.reshape(6, 64), q), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_tied_logits_rows(tokens):
+    x, table = _rand((tokens, 64), 4), _rand((200, 64), 5)  # table [V, H]
+    np.testing.assert_allclose(cpu_matmul.matmul_rows(x, table), x @ table.T, rtol=1e-5, atol=1e-4)
+    q = quantize_channels(table, kind="int8", axis=1)  # one scale per row (vocab entry), contracted in place
+    ref = x @ q.dequantize().T
+    y = dense(x, q)
+    assert y.shape == (tokens, 200)
+    assert float(jnp.max(jnp.abs(y - ref))) < 1e-3 * float(jnp.max(jnp.abs(ref)))
+    text = jax.jit(dense).lower(x, q).compile().as_text()
+    assert "f32[200,64]" not in text and "f32[64,200]" not in text and "s32[" in text
+
+
+def test_int8_dot_reads_the_int8_weight():
+    """What XLA:CPU compiles: an s8 x s8 -> s32 dot (YNNPACK) and no f32 copy of the weight."""
+    x, w = _rand((1, 576), 6), _rand((576, 960), 7)
+    q = quantize_channels(w, kind="int8")
+    text = jax.jit(dense).lower(x, q).compile().as_text()
+    assert "f32[576,960]" not in text and "f32[960,576]" not in text  # no dequantized weight
+    # one row as PARTS int8 rows: the int32 accumulator of one int8 dot (YNNPACK needs >= 2 rows)
+    assert f"s32[{cpu_matmul.PARTS},960]" in text and cpu_matmul.PARTS >= cpu_matmul.MIN_ROWS
+
