@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-PARTS=${PARTS:-"step kernels sampler baseline"}
+PARTS=${PARTS:-"decode kvkernels memory"}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -41,3 +41,12 @@ part baseline "${BASELINE_LIMIT:-70}" python3 .baseline/b1.py
 part quant "${QUANT_LIMIT:-420}" bash -c 'rc=0; for q in none int8 fp8; do python3 scripts/quant_hlo.py \
   --model-path scripts/configs/llama-3.1-8b --load-format dummy --quantization $q --tokens 1 8 256 --time 20 || rc=1; \
   done; exit $rc'
+# decode step per batch, decode bucket (1 vs 8 rows) and quantization (issues 10, 14)
+part decode "${DECODE_LIMIT:-150}" python3 scripts/bench_decode.py --model-path scripts/configs/llama-3.1-8b \
+  --load-format dummy --batches 1,8,64 --context 512 --configs "${DECODE_CONFIGS:-none/auto,int8/auto,none/fp8_e4m3}"
+# the kernels on quantized pages, and standalone vs chained calls (issues 14, 11)
+part kvkernels "${KVKERNELS_LIMIT:-90}" python3 scripts/bench_kernels.py --parts decode --batches 32 \
+  --contexts 2048 8192 --page-sizes 64 --variants v2 --no-gathered --kv-dtype bfloat16 fp8_e4m3 int8 --layers 16
+# the measured activation headroom of the default pool sizing (issue 14)
+part memory "${MEMORY_LIMIT:-100}" python3 scripts/memory_report.py --model-path scripts/configs/llama-3.1-8b \
+  --load-format dummy --kv-cache-dtypes auto
