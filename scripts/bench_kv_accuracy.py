@@ -3,9 +3,9 @@
     python scripts/bench_kv_accuracy.py                                   # f32 (CPU weights) vs the rest
     python scripts/bench_kv_accuracy.py --kv-dtypes bfloat16,fp8_e4m3,int8 --text-tokens 1024
 
-For each --kv-cache-dtype, one engine (same weights) computes:
-  teacher-forced   the log-probability of every token of a fixed text (--text-file, default this repo's
-                   docs/architecture.md) given the text before it (prompt logprobs): the perplexity, and
+For each --kv-cache-dtype (or QUANTIZATION/KV_CACHE_DTYPE pair: quantized weights too), one engine computes:
+  teacher-forced   the log-probability of every token of a fixed text (--text-file, default a public-domain
+                   text shipped with the tests) given the text before it (prompt logprobs): the perplexity, and
                    the max / mean |difference| of those logprobs and top-1 agreement against the first dtype.
   greedy           --greedy-tokens greedy tokens after each of a few prompts: the share of positions equal to
                    the first dtype's, and how many tokens each prompt keeps before its first difference.
@@ -46,8 +46,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--kv-dtypes", default="auto,bfloat16,fp8_e4m3,fp8_e5m2,int8",
-                    help="comma-separated --kv-cache-dtype values; the first is the reference")
-    ap.add_argument("--text-file", default=str(Path(__file__).resolve().parents[1] / "docs" / "architecture.md"))
+                    help="comma-separated --kv-cache-dtype values, or QUANTIZATION/KV_CACHE_DTYPE pairs (e.g. "
+                    "none/auto,int8/auto,gguf/fp8_e4m3) for quantized weights too; the first is the reference")
+    ap.add_argument("--text-file", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" /
+                                               "declaration_of_independence.txt"),
+                    help="default: the Declaration of Independence and the Gettysburg Address (public domain)")
     ap.add_argument("--text-tokens", type=int, default=2048)
     ap.add_argument("--greedy-tokens", type=int, default=256)
     ap.add_argument("--json", default=None)
@@ -56,7 +59,9 @@ def main() -> None:
     rows: dict[str, dict] = {}
     ref = None
     for name in dtypes:
-        engine = Engine(args.model_path, kv_cache_dtype=name, max_running_requests=len(PROMPTS), precompile=False,
+        quant, kv_dtype = name.split("/") if "/" in name else (None, name)
+        engine = Engine(args.model_path, kv_cache_dtype=kv_dtype, quantization=quant,
+                        max_running_requests=len(PROMPTS), precompile=False,
                         chunked_prefill_size=256, max_total_tokens=args.text_tokens + 4096,
                         context_length=args.text_tokens + 64, log_level="warning")
         text_ids = engine.encode(Path(args.text_file).read_text())[:args.text_tokens]
@@ -76,7 +81,7 @@ def main() -> None:
     print(f"\n{len(text_ids)} tokens of {Path(args.text_file).name} teacher-forced; {len(PROMPTS)} prompts x "
           f"{args.greedy_tokens} greedy tokens; against kv_cache_dtype={dtypes[0]}\n")
     keys = list(next(iter(rows.values())))
-    print("| kv_cache_dtype | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    print("| quantization / kv_cache_dtype | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for name, r in rows.items():
         cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
