@@ -9,7 +9,7 @@ import numpy as np
 from jaxradix.models.llama import LlamaForCausalLM
 from jaxradix.models.model_config import ModelConfig
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
-from jaxradix.pallas_kernels.reference import ragged_paged_attention
+from jaxradix.pallas_kernels.reference import ragged_paged_attention, ragged_paged_attention_blocked
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> LlamaForCausalLM:
@@ -68,3 +68,20 @@ def paged_logits(model: LlamaForCausalLM, tokens: list[int], chunks: list[int], 
             start += 1
         return np.array(new)
     return np.concatenate(out)
+
+
+def forward_fn(graphdef, tp=None):
+    """A jitted (params, kv, ids, pos, slots, md) -> (logits, kv) of an nnx-split model: whole, or per
+    shard under tensor parallelism (tp: a parallel.TensorParallel)."""
+    from flax import nnx
+
+    @jax.jit
+    def run(params, kv, ids, pos, slots, md):
+        if tp is None:
+            m = nnx.merge(graphdef, params)
+            hidden, kv = m(ids, pos, slots, kv, md, ragged_paged_attention_blocked)
+            return m.logits(hidden), kv
+        hidden, kv = tp.forward(graphdef, params, kv, ids, pos, slots, md, ragged_paged_attention_blocked)
+        return tp.logits(graphdef, params, hidden), kv
+
+    return run

@@ -256,6 +256,7 @@ def _tiny_tp_model():
 def _int8_logits(cfg: ModelConfig, model, tp, tokens: np.ndarray) -> np.ndarray:
     """Logits at every position, 8 tokens per step through an int8 pool of shuffled pages."""
     from flax import nnx
+    from model_utils import forward_fn
 
     from jaxradix.pallas_kernels.metadata import AttentionMetadata
 
@@ -263,16 +264,7 @@ def _int8_logits(cfg: ModelConfig, model, tp, tokens: np.ndarray) -> np.ndarray:
     pages = np.random.default_rng(1).permutation(np.arange(1, num_pages)).astype(np.int32)
     kv = PagePool(cfg, (num_pages - 1) * S, S, jnp.int8, tp).kv
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def run(params, kv, ids, pos, slots, md):
-        if tp is None:
-            m = nnx.merge(graphdef, params)
-            hidden, kv = m(ids, pos, slots, kv, md, ragged_paged_attention_blocked)
-            return m.logits(hidden), kv
-        hidden, kv = tp.forward(graphdef, params, kv, ids, pos, slots, md, ragged_paged_attention_blocked)
-        return tp.logits(graphdef, params, hidden), kv
-
+    run = forward_fn(graphdef, tp)
     out = []
     for start in range(0, len(tokens), 8):
         pos = np.arange(start, start + 8, dtype=np.int32)

@@ -9,13 +9,12 @@ import pytest
 from conftest import get_engine
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from model_utils import random_model
+from model_utils import forward_fn, random_model
 
 from jaxradix import SamplingParams
 from jaxradix.models.llama import LlamaForCausalLM
 from jaxradix.models.model_config import ModelConfig
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
-from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked
 from jaxradix.parallel.tensor_parallel import TensorParallel, TPLayout, check_tp
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
@@ -58,15 +57,7 @@ def _logits(model: LlamaForCausalLM, tp: TensorParallel | None, tokens: list[int
         tuple(jax.numpy.zeros(shape, model.dtype) for _ in range(cfg.num_layers))
     graphdef, params = nnx.split(model)
 
-    @jax.jit
-    def run(params, kv, ids, pos, slots, md):
-        if tp is None:
-            m = nnx.merge(graphdef, params)
-            hidden, kv = m(ids, pos, slots, kv, md, ragged_paged_attention_blocked)
-            return m.logits(hidden), kv
-        hidden, kv = tp.forward(graphdef, params, kv, ids, pos, slots, md, ragged_paged_attention_blocked)
-        return tp.logits(graphdef, params, hidden), kv
-
+    run = forward_fn(graphdef, tp)
     out = []
     for start in range(0, len(tokens), chunk):
         pos = np.arange(start, start + chunk, dtype=np.int32)

@@ -210,6 +210,8 @@ class ModelRunner:
     def _resident(self, inp: StepInput) -> StepInput:
         """inp with its all-ones grammar mask (batch.free_grammar_mask) replaced by a device copy kept here."""
         mask = inp.sampling.grammar_mask
+        if self.channel is not None:  # multi-host: placing an array is collective, and the followers send numpy
+            return inp
         if not isinstance(mask, np.ndarray) or mask is not free_grammar_mask(*mask.shape):
             return inp
         dev = self._free_masks.get(mask.shape)
