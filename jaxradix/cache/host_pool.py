@@ -21,9 +21,7 @@ import numpy as np
 
 from jaxradix.cache.page_allocator import PageAllocator
 from jaxradix.cache.page_pool import PagePool
-from jaxradix.pallas_kernels.quantized_kv import QuantizedKV
-
-Layer = jax.Array | QuantizedKV  # one layer's device pool [P, S, 2*KH, D]
+from jaxradix.pallas_kernels.reference import KVPool as Layer  # one layer's device pool [P, S, 2*KH, D]
 
 logger = logging.getLogger(__name__)
 
