@@ -70,7 +70,8 @@ def main() -> None:
     rows: dict[str, list[str]] = {}
     for ctx in (int(c) for c in args.contexts.split(",")):
         engine.wait_idle(timeout=600)
-        inp = jax.device_put(bench_step.decode_input(engine, 1, ctx))
+        _, inp = bench_step.decode_input(engine, 1, ctx)
+        inp = jax.device_put(inp)
         rows.setdefault("step", []).append(f"{bench_step.device_step_seconds(engine, 1, ctx) * 1e3:.2f}")
 
         def forward(params, kv, inp, attention_fn):

@@ -75,3 +75,26 @@ def test_int8_dot_reads_the_int8_weight():
     # one row as PARTS int8 rows: the int32 accumulator of one int8 dot (YNNPACK needs >= 2 rows)
     assert f"s32[{cpu_matmul.PARTS},960]" in text and cpu_matmul.PARTS >= cpu_matmul.MIN_ROWS
 
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_row_blocks_give_the_same_products(tokens):
+    """ColumnBlocks (one block per core, stored by rows) is a layout, not new arithmetic: int32 sums are
+    exact, so each output column equals the unsplit weight's bit for bit."""
+    from jaxradix.models.quantization import ColumnBlocks, embedding_rows
+
+    x, w, table = _rand((tokens, 96), 6), _rand((96, 512), 7), _rand((512, 96), 8)
+    q, qt = quantize_channels(w, kind="int8"), quantize_channels(table, kind="int8", axis=1)
+    norm = w[0]
+    params = cpu_matmul.split_for_threads({"layers.0.wqkv": q, "embed": qt, "final_norm": norm}, threads=2)
+    blocks, tblocks = params["layers.0.wqkv"], params["embed"]
+    assert isinstance(blocks, ColumnBlocks) and len(blocks.blocks) == 2 and blocks.shape == (96, 512)
+    assert all(b.axis == 1 and b.values.shape == (256, 96) for b in blocks.blocks)  # stored by rows
+    assert params["final_norm"] is norm
+    np.testing.assert_array_equal(blocks.dequantize(), q.dequantize())
+    np.testing.assert_array_equal(dense(x, blocks), dense(x, q))
+    np.testing.assert_array_equal(dense(x, tblocks), dense(x, qt))  # the tied logits
+    ids = jnp.array([0, 255, 256, 511, 7], jnp.int32)
+    np.testing.assert_array_equal(embedding_rows(tblocks, ids, jnp.float32), embedding_rows(qt, ids, jnp.float32))
+    assert cpu_matmul.column_blocks(512, threads=1) == 1 and cpu_matmul.column_blocks(200, threads=2) == 1
+    assert cpu_matmul.column_blocks(960, threads=8) == 4

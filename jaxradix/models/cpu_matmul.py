@@ -17,6 +17,9 @@ Findings behind it (``scripts/bench_cpu_matmul.py``, jax 0.11.2, XLA:CPU, 2 thre
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -61,10 +64,39 @@ def int8_matmul_rows(x: jax.Array, values: jax.Array, scales: jax.Array, parts: 
     """x [T, K] against a table stored by rows (values [N, K] int8 * scales [N]) -> [T, N] f32 (tied logits)."""
     T, parts = x.shape[0], _parts_for(x.shape[0], parts)
     xq, sx = quantize_parts(x, parts)  # [parts*T, K] int8, [T, 1]
-    acc = jax.lax.dot_general(values, xq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)  # [N, pT]
-    return _combine(acc.T, T, parts) * sx * scales
+    acc = jax.lax.dot_general(xq, values, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)  # [pT, N]
+    return _combine(acc, T, parts) * sx * scales
 
 
 def matmul_rows(x: jax.Array, table: jax.Array) -> jax.Array:
     """x [T, K] against a plain table stored by rows, table [N, K] -> [T, N], as table @ x.T (a gemv)."""
     return (table @ x.T).T
+
+
+SPLIT_PARAMS = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed")  # matmul weights [K, N], the table [V, H]
+MIN_BLOCK_COLUMNS = 128
+
+
+def column_blocks(n_columns: int, threads: int | None = None) -> int:
+    """Output-column blocks for an int8 weight of n_columns on this CPU: one per core (at most 4), of
+    equal width, each at least MIN_BLOCK_COLUMNS; 1 when no such split exists."""
+    threads = threads or len(os.sched_getaffinity(0))
+    for n in range(min(threads, 4), 1, -1):
+        if n_columns % n == 0 and n_columns // n >= MIN_BLOCK_COLUMNS:
+            return n
+    return 1
+
+
+def split_for_threads(params: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """params by flat name, each per-channel int8 matmul weight [K, N] (and an int8 embedding table, the
+    tied logits' weight) held as ColumnBlocks: stored by rows ([N, K]: YNNPACK reads it faster at few
+    tokens), in one block per core (XLA:CPU runs independent dots on separate threads). Other leaves
+    are returned as they are."""
+    from jaxradix.models.quantization import QuantizedWeight, int8_channels, row_blocks
+
+    out = {}
+    for name, w in params.items():
+        if name.rsplit(".", 1)[-1] in SPLIT_PARAMS and isinstance(w, QuantizedWeight) and int8_channels(w):
+            w = row_blocks(w, column_blocks(w.shape[1 - w.axis], threads))
+        out[name] = w
+    return out

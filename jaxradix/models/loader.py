@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxradix.models import cpu_matmul
 from jaxradix.models.llama import LlamaForCausalLM, fused_parts, param_shapes
 from jaxradix.models.model_config import ModelConfig
 from jaxradix.models.quantization import (
@@ -151,6 +152,9 @@ def load_model(model_path: str | Path | None = None, *, load_format: str = "auto
     else:
         loaded = _load_dummy(path, dtype, seed, tp_size, quant)
     loaded.quantization = quant
+    if tp_size == 1 and jax.default_backend() == "cpu" and quant != "none":
+        # int8 weights as one column block per core: XLA:CPU runs one int8 dot on one thread
+        loaded.model = LlamaForCausalLM(loaded.config, cpu_matmul.split_for_threads(loaded.model.flat_params()))
     loaded.load_seconds = time.perf_counter() - start
     logger.info("loaded %s (%s, quantization %s) in %.2f s", path, fmt, quant, loaded.load_seconds)
     return loaded

@@ -85,8 +85,57 @@ class QuantizedWeight:
         return _dequant(self.values, self.scales, self.offsets, self.axis, dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ColumnBlocks:
+    """A quantized matmul weight [K, N] held as blocks of its output columns, each block its own buffer
+    stored by rows ([N / n, K], axis 1). CPU only (models/cpu_matmul.split_for_threads).
+
+    XLA:CPU hands each int8 dot to YNNPACK, which reads a weight stored by rows ([N, K]) faster than by
+    columns at few tokens and runs one dot on one thread, while its thunk executor runs independent
+    dots on separate threads. A decode step's int8 weight dots at T=1 on 2 cores: 11.9 ms as [K, N],
+    7.5 ms as [N, K], 6.3 ms as two [N/2, K] blocks (docs/benchmarks.md). Blocks sliced out of one
+    array would be copies; separate buffers are not."""
+
+    blocks: tuple[QuantizedWeight, ...]  # the output columns in order; each [N_i, K] axis 1 or [K, N_i] axis 0
+
+    axis = 0  # dense() reads the map as [K, N]
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # the linear map's [K, N]
+        b = self.blocks[0]
+        return (b.shape[b.axis], sum(blk.shape[1 - blk.axis] for blk in self.blocks))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:  # [K, N]
+        return jnp.concatenate([b.dequantize(dtype) if b.axis == 0 else b.dequantize(dtype).T
+                                for b in self.blocks], axis=1)
+
+
+def row_blocks(w: QuantizedWeight, n: int) -> ColumnBlocks:
+    """A per-channel weight as n blocks of its output channels stored by rows: a matmul weight [K, N]
+    (axis 0, transposed here) or a table [N, K] (axis 1: the tied logits' embedding) -> n blocks
+    [N / n, K] (n divides N). Works on device arrays: each block is a contiguous copy."""
+    rows_major = w.axis == 1
+    if w.offsets is not None or w.scales.shape[w.axis] != 1 or w.shape[1 - w.axis] % n:
+        raise ValueError(f"row_blocks: a per-channel weight with {n} | N, got {w.shape} axis {w.axis}")
+    values = jnp.asarray(w.values) if rows_major else jnp.asarray(w.values).T  # [N, K]
+    scales = jnp.asarray(w.scales) if rows_major else jnp.asarray(w.scales).T  # [N, 1]
+    rows = values.shape[0] // n
+    return ColumnBlocks(tuple(QuantizedWeight(jnp.array(values[i * rows:(i + 1) * rows]),
+                                              jnp.array(scales[i * rows:(i + 1) * rows]), None, 1)
+                              for i in range(n)))
+
+
 def is_quantized(w: Any) -> bool:
-    return isinstance(w, QuantizedWeight)
+    return isinstance(w, (QuantizedWeight, ColumnBlocks))
 
 
 def _expand(a: jax.Array, axis: int, group: int) -> jax.Array:
@@ -123,11 +172,14 @@ def dense(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
     """x [..., K] times the weight -> [..., N] in x's dtype: THE matmul of the model, for plain and
     quantized weights. A plain w is [K, N]. A QuantizedWeight contracts its own axis: [K, N] (axis 0),
     or an embedding table [N, K] (axis 1: the tied logits, read in place, never transposed)."""
-    if not isinstance(w, QuantizedWeight):
+    if not is_quantized(w):
         return x @ w
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)  # [T, K]
-    y = MATMULS[matmul_kind(jax.default_backend(), x2.shape[0], w)](x2, w)  # [T, N] f32
+    blocks = w.blocks if isinstance(w, ColumnBlocks) else (w,)
+    kind = matmul_kind(jax.default_backend(), x2.shape[0], blocks[0])
+    ys = [MATMULS[kind](x2, b) for b in blocks]  # each [T, N / n] f32
+    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
     return y.astype(x.dtype).reshape(*lead, w.shape[1 - w.axis])
 
 
@@ -217,6 +269,14 @@ def matmul_kind(backend: str, tokens: int, w: QuantizedWeight | None = None) -> 
 
 def embedding_rows(table: jax.Array | QuantizedWeight, ids: jax.Array, dtype: Any) -> jax.Array:
     """table [V, H] rows at ids [T] -> [T, H] in dtype (a quantized table dequantizes only those rows)."""
+    if isinstance(table, ColumnBlocks):  # a table in row blocks: each id's row from its block
+        rows, lo = jnp.zeros((ids.shape[0], table.shape[0]), dtype), 0
+        for b in table.blocks:
+            n = b.shape[0]
+            mine = (ids >= lo) & (ids < lo + n)
+            rows = jnp.where(mine[:, None], embedding_rows(b, jnp.clip(ids - lo, 0, n - 1), dtype), rows)
+            lo += n
+        return rows
     if not isinstance(table, QuantizedWeight):
         return table[ids]
     if table.axis != 1:
