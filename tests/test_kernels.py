@@ -17,6 +17,7 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxradix.engine.batch import shared_prefix
 from jaxradix.pallas_kernels import get_attention, write_kv
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.gpu import ragged_paged_attention as gpu_kernel
@@ -55,12 +56,18 @@ CASES = {
     "page1": Case((2, 1, 6), (9, 12, 6), B=3, S=1, MP=16, KH=2, G=2, D=64, sliding_window=5, shared_pages=3),
     "page64": Case((70, 1), (200, 150), B=3, S=64, MP=4, KH=1, G=1, D=64, sliding_window=40, soft_cap=10.0),
     "gqa8": Case((1, 40, 1, 2), (70, 100, 3, 2), B=5, S=16, MP=8, KH=1, G=8, D=128, shared_pages=2),
+    # a system prompt of 5 pages: decode and extend rows hold all of it, one row only 2 pages of it
+    # (cached 40 tokens), one row is too short to share; soft cap on the shared part too
+    "cascade": Case((1, 1, 12, 1, 30, 2, 1), (90, 81, 100, 2, 110, 42, 86), B=8, S=16, MP=8, KH=2, G=3, D=64,
+                    shared_pages=5),
+    "cascade_cap": Case((1, 1, 12, 1, 30, 2, 1), (90, 81, 100, 2, 110, 42, 86), B=8, S=16, MP=8, KH=2, G=3,
+                        D=64, soft_cap=30.0, shared_pages=5),
 }
 
 
-def make_batch(case: Case, dtype, seed: int = 0):
+def make_batch(case: Case, dtype, seed: int = 0, share: bool = False):
     """(q, one layer's pool for the kernel with NaN in unowned pages, the same pool with zeros
-    there, md)."""
+    there, md). share: md marks the shared prefix as the engine does (batch.shared_prefix)."""
     rng = np.random.default_rng(seed)
     n, S = len(case.q_lens), case.S
     pages = [-(-k // S) for k in case.kv_lens]
@@ -95,12 +102,17 @@ def make_batch(case: Case, dtype, seed: int = 0):
         page_table=jnp.asarray(page_table),
         num_seqs=jnp.asarray([n], jnp.int32),
     )
+    if share:
+        q_lens = np.zeros(case.B, np.int32)
+        q_lens[:n] = case.q_lens
+        shared = shared_prefix(page_table, kv_lens - q_lens, S, n)
+        md = dataclasses.replace(md, shared_pages=jnp.asarray(shared.pages), shared_lens=jnp.asarray(shared.lens))
     return jnp.asarray(q, dtype), jnp.asarray(poisoned, dtype), jnp.asarray(clean, dtype), md
 
 
-def check(case_name: str, dtype, attention, *, poison: bool = True, **kwargs):
+def check(case_name: str, dtype, attention, *, poison: bool = True, share: bool = False, **kwargs):
     case = CASES[case_name]
-    q, poisoned, clean, md = make_batch(case, dtype)
+    q, poisoned, clean, md = make_batch(case, dtype, share=share)
     params = dict(sm_scale=case.D**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap)
     want = reference(q, clean, md, **params)
     got = attention(q, poisoned if poison else clean, md, **params, **kwargs)
@@ -275,7 +287,7 @@ gathered = jax.jit(
     functools.partial(
         ragged_paged_attention_gathered, q_tile=16, kv_block_tokens=32, decode_block_tokens=32, prefix_chunk_tokens=32
     ),
-    static_argnames=("sm_scale", "sliding_window", "soft_cap", "prefill"),
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "prefill", "short_q_tile", "short_kv_block_tokens"),
 )
 
 
@@ -294,6 +306,47 @@ def test_gathered_dot_product_attention(case_name):
     """Extend tiles through jax.nn.dot_product_attention (XLA here, cuDNN on a GPU): prefix and
     diagonal calls merged by their log-sum-exp."""
     check(case_name, jnp.float32, functools.partial(gathered, prefill="dot_product_attention"))
+
+
+def test_shared_prefix_marks_the_run_that_saves_most():
+    """batch.shared_prefix on the cascade case: 5 shared pages for the 4 rows that cache all of them
+    (40 cached tokens hold 2 whole pages: that row is left out, as are the short ones)."""
+    case = CASES["cascade"]
+    _, _, _, md = make_batch(case, jnp.float32, share=True)
+    assert np.asarray(md.shared_pages)[:6].tolist() == [1, 2, 3, 4, 5, 0]
+    assert np.asarray(md.shared_lens).tolist() == [80, 80, 80, 0, 80, 0, 80, 0]
+    table = np.array([[7, 8, 9], [7, 8, 2], [3, 4, 5]], np.int32)
+    two = shared_prefix(table, np.array([48, 48, 48]), 16, 3)  # rows 0, 1 share 2 pages; row 2 none
+    assert two.pages.tolist() == [7, 8, 0] and two.lens.tolist() == [32, 32, 0]
+    none = shared_prefix(table, np.array([48, 10, 48]), 16, 3)  # row 1 has no whole cached page
+    assert not none.lens.any()
+
+
+@pytest.mark.parametrize("case_name, prefill", [("cascade", "einsum"), ("cascade_cap", "einsum"), ("mixed", "einsum"),
+                                                ("gqa8", "einsum"), ("page1", "einsum"),
+                                                ("cascade", "dot_product_attention")])
+@pytest.mark.parametrize("short_q_tile", [0, 8])
+def test_gathered_cascade(case_name, prefill, short_q_tile):
+    """Rows that share a prefix read it once, in one block for all of them, merged with their own keys
+    by log-sum-exp: the reference's outputs (page1 has a sliding window: the cascade stays off). With
+    short_q_tile, rows of <= 8 new tokens take their own loop of 8-token tiles over 16-token kv blocks."""
+    attention = functools.partial(gathered, prefill=prefill, short_q_tile=short_q_tile, short_kv_block_tokens=16)
+    check(case_name, jnp.float32, attention, share=True)
+
+
+def test_gathered_cascade_reads_the_shared_pages_once():
+    """Sharing rows read the shared range from shared_pages only: with their page-table entries there
+    pointing at NaN pages the result is still the reference's, so the per-row path did not read them."""
+    case = CASES["cascade_cap"]
+    q, poisoned, clean, md = make_batch(case, jnp.float32, share=True)
+    params = dict(sm_scale=case.D**-0.5, soft_cap=case.soft_cap)
+    want = reference(q, clean, md, **params)
+    nan_page = int(np.flatnonzero(np.isnan(np.asarray(poisoned)[:, 0, 0, 0]))[-1])
+    table = np.asarray(md.page_table).copy()
+    sharing = np.asarray(md.shared_lens) > 0
+    table[sharing, :5] = nan_page
+    got = gathered(q, poisoned, dataclasses.replace(md, page_table=jnp.asarray(table)), **params)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL[jnp.float32], rtol=TOL[jnp.float32])
 
 
 def test_gathered_rejects_what_it_cannot_take():

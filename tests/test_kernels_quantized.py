@@ -25,9 +25,9 @@ from jaxradix.pallas_kernels.quantized_kv import QUANTIZED_KV_DTYPES, QuantizedK
 from jaxradix.pallas_kernels.reference import ragged_paged_attention as reference
 
 
-def quantized_batch(case_name: str, kv_dtype: str, q_dtype):
+def quantized_batch(case_name: str, kv_dtype: str, q_dtype, share: bool = False):
     """(q, poisoned quantized pool, clean quantized pool, md)."""
-    q, poisoned, _, md = make_batch(CASES[case_name], jnp.float32)
+    q, poisoned, _, md = make_batch(CASES[case_name], jnp.float32, share=share)
     unowned = jnp.isnan(poisoned[:, 0, 0, 0])[:, None, None]  # [P, 1, 1]
     data, scale = quantize(jnp.nan_to_num(poisoned), QUANTIZED_KV_DTYPES[kv_dtype])
     bad = QuantizedKV(data, jnp.where(unowned, jnp.nan, scale).astype(scale.dtype))
@@ -35,9 +35,9 @@ def quantized_batch(case_name: str, kv_dtype: str, q_dtype):
     return q.astype(q_dtype), bad, clean, md
 
 
-def check_quantized(case_name: str, kv_dtype: str, attention, *, q_dtype=jnp.bfloat16, **kw):
+def check_quantized(case_name: str, kv_dtype: str, attention, *, q_dtype=jnp.bfloat16, share: bool = False, **kw):
     case = CASES[case_name]
-    q, poisoned, clean, md = quantized_batch(case_name, kv_dtype, q_dtype)
+    q, poisoned, clean, md = quantized_batch(case_name, kv_dtype, q_dtype, share)
     params = dict(sm_scale=case.D**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap)
     want = reference(q, dequantize_kv(clean, q_dtype), md, **params)
     got = attention(q, poisoned, md, **params, **kw)
@@ -149,3 +149,10 @@ def test_quantized_kernels_lower_for_hardware(platform, kv_dtype, KH):
         with jax.sharding.use_abstract_mesh(mesh):
             lowered = jax.jit(fn).trace(q, pool, md).lower(lowering_platforms=("tpu",))
         assert "tpu_custom_call" in lowered.as_text()
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_gathered_cascade_quantized(kv_dtype):
+    """The CPU path's cascade (a shared prefix read once for all rows) dequantizes the shared blocks as
+    the per-row blocks: the reference on the dequantized pool."""
+    check_quantized("cascade_cap", kv_dtype, get_attention("gathered"), q_dtype=jnp.float32, share=True)

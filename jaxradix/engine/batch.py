@@ -90,9 +90,48 @@ def free_grammar_mask(rows: int, words: int) -> np.ndarray:
     return mask
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    pages: np.ndarray  # [MP] int32, the shared prefix's pages, 0-padded
+    lens: np.ndarray  # [B] int32, tokens of it in each row: 0 or L (AttentionMetadata's invariant)
+
+
+def shared_prefix(page_table: np.ndarray, cached: np.ndarray, page_size: int, num_rows: int) -> SharedPrefix:
+    """The page run that saves the most reads when several rows attend to it once (cascade attention):
+    among the live rows whose cached pages start with the most common first page, the prefix length L
+    (pages) maximising the reads saved, L x (rows that hold all of it - 1). Only whole cached pages
+    count. page_table [B, MP], cached [B] tokens already in the pool before this step."""
+    B, MP = page_table.shape
+    pages = np.zeros(MP, np.int32)
+    lens = np.zeros(B, np.int32)
+    full = cached[:num_rows] // page_size  # [n] whole cached pages per live row
+    cand = np.flatnonzero(full > 0)
+    if len(cand) < 2:
+        return SharedPrefix(pages, lens)
+    first = page_table[cand, 0]
+    values, counts = np.unique(first, return_counts=True)
+    if counts.max() < 2:
+        return SharedPrefix(pages, lens)
+    group = cand[first == values[counts.argmax()]]
+    leader = group[np.argmax(full[group])]
+    width = int(full[leader])
+    same = page_table[group, :width] == page_table[leader, :width]  # [G, width]
+    match = np.minimum(np.cumprod(same, axis=1).sum(axis=1), full[group])  # [G] pages shared with the leader
+    order = np.sort(match)[::-1]  # L = order[i] is held by at least i + 1 rows
+    saved = order * np.arange(len(order))  # [G] page reads saved by sharing L = order[i]
+    best = int(np.argmax(saved))
+    if saved[best] == 0:
+        return SharedPrefix(pages, lens)
+    L = int(order[best])
+    pages[:L] = page_table[leader, :L]
+    lens[group[match >= L]] = L * page_size
+    return SharedPrefix(pages, lens)
+
+
 def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
-               mask_words: int, grammar_masks: np.ndarray | None = None) -> StepInput:
-    """Numpy arrays for one step; grammar_masks is [len(rows), mask_words] uint32 or None."""
+               mask_words: int, grammar_masks: np.ndarray | None = None, share_prefix: bool = False) -> StepInput:
+    """Numpy arrays for one step; grammar_masks is [len(rows), mask_words] uint32 or None. share_prefix:
+    find a prefix several rows share (for an attention that reads it once; else none is marked)."""
     T, B = bucket.tokens, bucket.rows
     input_ids = np.zeros(T, np.int32)
     from_slot = np.full(T, -1, np.int32)
@@ -157,10 +196,15 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
         needs_top |= r.logprobs.top_logprobs_num > 0
         needs_state |= bool(use_state[b])
     cu[len(rows) + 1:] = t
+    if share_prefix:
+        shared = shared_prefix(page_table, kv_lens - (cu[1:] - cu[:-1]), page_size, len(rows))
+    else:
+        shared = SharedPrefix(np.zeros(max_pages, np.int32), np.zeros(B, np.int32))
     return StepInput(
         input_ids=input_ids, input_from_slot=from_slot, positions=positions, slot_mapping=slot_mapping,
         attn=AttentionMetadata(cu_q_lens=cu, kv_lens=kv_lens, page_table=page_table,
-                               num_seqs=np.array([len(rows)], np.int32)),
+                               num_seqs=np.array([len(rows)], np.int32), shared_pages=shared.pages,
+                               shared_lens=shared.lens),
         logits_indices=logits_idx,
         sampling=SamplingMetadata(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=freq,

@@ -652,7 +652,8 @@ class Engine:
                 if r.req.grammar is not None and r.samples:
                     assert not r.req.pending, "a grammar mask needs every sampled token read"
                     r.req.grammar.fill_mask(masks[i])
-        inp = build_step(rows, bucket, self.pool.page_size, self.runner.max_pages, self.runner.mask_words, masks)
+        inp = build_step(rows, bucket, self.pool.page_size, self.runner.max_pages, self.runner.mask_words, masks,
+                         share_prefix=self.runner.reads_shared_prefix)
         want_lp = any(r.prompt_logprobs for r in rows)
         sched.after_step(rows)
         for row in rows:

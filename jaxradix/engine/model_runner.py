@@ -90,6 +90,8 @@ class ModelRunner:
         self.vocab = self.cfg.vocab_size
         self.mask_words = (self.vocab + 31) // 32
         self.attention_fn = attention_fn
+        # whether the attention reads AttentionMetadata's shared prefix (else the step marks none)
+        self.reads_shared_prefix: bool = getattr(attention_fn, "reads_shared_prefix", False)
         self.state = SamplerState.zeros(num_slots, self.vocab)
         if tp is not None:
             self.state = tp.replicate(self.state)

@@ -94,11 +94,20 @@ def _cudnn_prefill_reason(q: jax.Array, kv: jax.Array, sliding_window, soft_cap)
     return None
 
 
+# Tile sizes of the gathered path on CPU (docs/benchmarks.md, SmolLM2 shapes on 2 cores): a 512-token
+# prefill is fastest in 64-token tiles over 256-token kv blocks, short rows after a shared prefix in
+# 32-token tiles over 128-token blocks, decode rows' own pages in 64-token blocks.
+CPU_GATHERED_TILES = dict(q_tile=64, kv_block_tokens=256, decode_block_tokens=64, short_q_tile=32,
+                          short_kv_block_tokens=128)
+
+
 def _gathered(platform: str) -> AttentionFn:
     """The per-sequence gather path; on a GPU its extend tiles use cuDNN where it applies."""
 
     def attention(q, kv, md, *, sm_scale, sliding_window=None, soft_cap=None) -> jax.Array:
         params = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        if platform == "cpu":
+            params |= CPU_GATHERED_TILES
         if platform in ("gpu", "cuda") and _cudnn_prefill_reason(q, kv, sliding_window, soft_cap) is None:
             try:
                 return ragged_paged_attention_gathered(
@@ -108,6 +117,7 @@ def _gathered(platform: str) -> AttentionFn:
                 _log.warning("cuDNN prefill: %s; extend tiles use the einsum path", e)
         return ragged_paged_attention_gathered(q, kv, md, **params)
 
+    attention.reads_shared_prefix = True  # the engine marks a shared prefix for its cascade (gathered.py)
     return attention
 
 

@@ -51,11 +51,14 @@ def clean_metadata(md: AttentionMetadata) -> AttentionMetadata:
     cu = md.cu_q_lens.astype(jnp.int32)
     cu = jnp.where(rows <= n, cu, cu[n])  # [B+1]
     kv_lens = jnp.where(rows[:B] < n, md.kv_lens.astype(jnp.int32), 0)  # [B]
+    shared_lens = None if md.shared_lens is None else jnp.where(rows[:B] < n, md.shared_lens.astype(jnp.int32), 0)
     return AttentionMetadata(
         cu_q_lens=cu,
         kv_lens=kv_lens,
         page_table=md.page_table.astype(jnp.int32),
         num_seqs=n.reshape(1),
+        shared_pages=md.shared_pages,
+        shared_lens=shared_lens,
     )
 
 

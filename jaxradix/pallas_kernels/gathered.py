@@ -19,6 +19,16 @@ edge bounds the range, so a tile never reads keys after its last token. With
 the tile's first position, in chunks of 4k keys) and its own diagonal block (causal, top-left
 aligned), merged.
 
+Short extend rows (at most ``short_q_tile`` tokens, e.g. questions after a shared system prompt)
+take their own loop of small tiles over small kv blocks, so they do not pay for a long row's tile.
+
+The cascade: when the metadata marks a prefix several rows share (``shared_pages``/``shared_lens``,
+``engine/batch.shared_prefix``), those rows' per-row passes start after it, and every token of
+theirs attends to it in one pass that gathers each block of the prefix once for all of them (per kv
+head a ``[T*G, D] x [D, C*S]`` matmul, where per-row attention reads the prefix once per row); the
+two partial results merge by log-sum-exp. Off with a sliding window; with cuDNN extend tiles only
+decode rows use it.
+
 A quantized pool (``QuantizedKV``) is dequantized right after each gather (``read_pages``): only the
 blocks a row reads are expanded, to f32 (to the query dtype for cuDNN tiles).
 """
@@ -59,7 +69,8 @@ def _decode_rows(
     sliding_window: int | None,
     soft_cap: float | None,
     pages_per_block: int,
-) -> tuple[jax.Array, jax.Array]:  # [B, NH, D] f32 outputs, [B] bool: the row is a decode row
+    shared_lens: jax.Array,  # [B] int32, leading tokens of each row the cascade part reads instead
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # [B, NH, D] f32 outputs, [B, NH] their lse, [B] bool: decode row
     T, NH, D = q.shape
     _, S, KH2, _ = kv.shape
     KH, C = KH2 // 2, pages_per_block
@@ -70,6 +81,7 @@ def _decode_rows(
     kv_len = jnp.where(is_decode, md.kv_lens, 0)  # [B]
     pos = kv_len - 1  # [B] position of the row's query token
     lo = jnp.zeros_like(kv_len) if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
+    lo = jnp.maximum(lo, shared_lens)
     qd = q[jnp.minimum(md.cu_q_lens[:-1], T - 1)].reshape(B, KH, G, D).astype(jnp.float32) * sm_scale
 
     def body(i, carry):
@@ -90,9 +102,58 @@ def _decode_rows(
     last = (jnp.max(kv_len) + C * S - 1) // (C * S)  # 0 when there is no decode row
     init = (jnp.full((B, KH, G), -jnp.inf, jnp.float32), jnp.zeros((B, KH, G), jnp.float32),
             jnp.zeros((B, KH, G, D), jnp.float32))  # fmt: skip
-    _, l, acc = lax.fori_loop(jnp.minimum(first, last), last, body, init)
+    m, l, acc = lax.fori_loop(jnp.minimum(first, last), last, body, init)
+    o, lse = _finish(m, l, acc)
+    return o.reshape(B, NH, D), lse.reshape(B, NH), is_decode
+
+
+def _finish(m: jax.Array, l: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Online-softmax state -> (output, log-sum-exp; -inf where no key was seen)."""
     o = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return o.reshape(B, NH, D), is_decode
+    return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+
+
+def _shared_prefix_part(
+    q: jax.Array,  # [T, NH, D]
+    kv: KVPool,  # [P, S, 2*KH, D]
+    shared_pages: jax.Array,  # [NB*C] the shared prefix's pages, padded with page 0
+    tok_len: jax.Array,  # [T] int32, shared tokens each query token attends to (0: none)
+    *,
+    sm_scale: float,
+    soft_cap: float | None,
+    pages_per_block: int,
+) -> tuple[jax.Array, jax.Array]:  # [T, NH, D] f32, [T, NH] lse
+    """The cascade part: every token of every row that holds the shared prefix against its keys, each
+    block of C pages gathered once for all of them ([T*G, D] x [D, C*S] per kv head, a real matmul,
+    where per-row attention would read the prefix once per row). The prefix is all cached (before
+    every query position), so no causal mask; a token's own length masks rows that do not share."""
+    T, NH, D = q.shape
+    _, S, KH2, _ = kv.shape
+    KH, C = KH2 // 2, pages_per_block
+    G = NH // KH
+    # kv head leading ([KH, T*G, ...]): each block is KH plain matmuls, with no transposes of scores
+    qs = (q.reshape(T, KH, G, D).astype(jnp.float32) * sm_scale).transpose(1, 0, 2, 3).reshape(KH, T * G, D)
+    tok_len_g = jnp.repeat(tok_len, G)  # [T*G]
+    L = jnp.max(tok_len)
+
+    def body(i, carry):
+        page_pos = (i * C + jnp.arange(C, dtype=jnp.int32)) * S  # [C]
+        live = page_pos < L
+        blk = read_pages(kv, jnp.where(live, lax.dynamic_slice_in_dim(shared_pages, i * C, C), 0))  # [C, S, 2*KH, D]
+        blk = jnp.where(live[:, None, None, None], blk, 0.0).reshape(C * S, KH2, D).transpose(1, 0, 2)  # [2*KH, N, D]
+        s = jnp.einsum("kqd,knd->kqn", qs, blk[:KH])  # [KH, T*G, C*S]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = i * C * S + jnp.arange(C * S, dtype=jnp.int32)
+        s = jnp.where((kv_pos[None, :] < tok_len_g[:, None])[None], s, -jnp.inf)
+        return _softmax_step(carry, s, lambda p: jnp.einsum("kqn,knd->kqd", p, blk[KH:]))
+
+    init = (jnp.full((KH, T * G), -jnp.inf, jnp.float32), jnp.zeros((KH, T * G), jnp.float32),
+            jnp.zeros((KH, T * G, D), jnp.float32))  # fmt: skip
+    o, lse = _finish(*lax.fori_loop(0, (L + C * S - 1) // (C * S), body, init))  # [KH, T*G, D], [KH, T*G]
+    o = o.reshape(KH, T, G, D).transpose(1, 0, 2, 3)
+    lse = lse.reshape(KH, T, G).transpose(1, 0, 2)
+    return o.reshape(T, NH, D), lse.reshape(T, NH)
 
 
 def _tile_einsum(
@@ -106,7 +167,7 @@ def _tile_einsum(
     sliding_window: int | None,
     soft_cap: float | None,
     pages_per_block: int,
-) -> jax.Array:  # [TQ, KH, G, D] f32
+) -> tuple[jax.Array, jax.Array]:  # [TQ, KH, G, D] f32, [TQ, KH, G] lse
     TQ, KH, G, D = qt.shape
     _, S, KH2, _ = kv.shape
     C = pages_per_block
@@ -122,7 +183,7 @@ def _tile_einsum(
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = i * C * S + jnp.arange(C * S, dtype=jnp.int32)
-        mask = kv_pos[None, :] <= q_pos[:, None]  # [TQ, C*S]
+        mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] >= kv_lo)  # [TQ, C*S]
         if sliding_window is not None:
             mask &= kv_pos[None, :] > q_pos[:, None] - sliding_window
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
@@ -130,8 +191,7 @@ def _tile_einsum(
 
     init = (jnp.full((TQ, KH, G), -jnp.inf, jnp.float32), jnp.zeros((TQ, KH, G), jnp.float32),
             jnp.zeros((TQ, KH, G, D), jnp.float32))  # fmt: skip
-    _, l, acc = lax.fori_loop(kv_lo // (C * S), (kv_hi + C * S - 1) // (C * S), body, init)
-    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return _finish(*lax.fori_loop(kv_lo // (C * S), (kv_hi + C * S - 1) // (C * S), body, init))
 
 
 def _merge(o_a, lse_a, o_b, lse_b):
@@ -200,6 +260,8 @@ def ragged_paged_attention_gathered(
     q_tile: int = 128,
     kv_block_tokens: int = 512,
     decode_block_tokens: int = 128,
+    short_q_tile: int = 0,
+    short_kv_block_tokens: int = 128,
     prefix_chunk_tokens: int = 4096,
     prefill: str = "einsum",
     implementation: str | None = None,
@@ -227,43 +289,80 @@ def ragged_paged_attention_gathered(
     TQ = max(1, min(q_tile, T))
     CD = max(1, min(decode_block_tokens // S, MP))  # pages per decode kv block
     dec_table = jnp.pad(md.page_table, ((0, 0), (0, -(-MP // CD) * CD - MP)))
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # [B]
+    # The cascade: rows' shared prefix read once for all of them (not with a sliding window, whose
+    # per-token key range the shared part would have to mask; cuDNN extend tiles read their own keys)
+    cascade = md.shared_lens is not None and md.shared_pages is not None and sliding_window is None
+    shared_lens = md.shared_lens if cascade else jnp.zeros((B,), jnp.int32)  # [B]
+    if cascade and prefill != "einsum":
+        shared_lens = jnp.where(q_lens == 1, shared_lens, 0)
 
-    o_dec, is_decode = _decode_rows(
+    o_dec, lse_dec, is_decode = _decode_rows(
         q, kv, md, dec_table, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        pages_per_block=CD,
+        pages_per_block=CD, shared_lens=shared_lens,
     )  # fmt: skip
 
-    # Extend tiles: row b owns tiles [tile_base[b], tile_base[b] + n_tiles[b]).
-    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # [B]
-    n_tiles = jnp.where(q_lens >= 2, (q_lens + TQ - 1) // TQ, 0)  # [B]
-    tile_end = jnp.cumsum(n_tiles)  # [B]
+    # Extend rows in tiles of up to TQ tokens of one row: rows of at most short_q_tile tokens (e.g. a
+    # question after a shared system prompt) in tiles of that size with kv blocks of
+    # short_kv_block_tokens, the others in tiles of q_tile with kv blocks of kv_block_tokens, so a short
+    # row does not pay for a long tile and a long one not for many small ones.
+    short = 2 <= short_q_tile < TQ
     q_pad = jnp.pad(q, ((0, TQ), (0, 0), (0, 0)))  # [T+TQ, NH, D]: a tile slice never clips
 
-    def tile_body(i, out):  # out: [T+TQ, NH, D] f32
-        b = jnp.minimum(jnp.sum(tile_end <= i), B - 1).astype(jnp.int32)  # the row tile i belongs to
-        local = i - (tile_end[b] - n_tiles[b])
-        tok0 = md.cu_q_lens[b] + local * TQ
-        ntok = jnp.minimum(md.cu_q_lens[b + 1] - tok0, TQ)
-        pos0 = md.kv_lens[b] - q_lens[b] + local * TQ  # kv position of token tok0
-        qt = lax.dynamic_slice_in_dim(q_pad, tok0, TQ)  # [TQ, NH, D]
-        if prefill == "einsum":
-            kv_lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
-            ot = _tile_einsum(
-                qt.reshape(TQ, KH, G, D).astype(jnp.float32) * sm_scale, kv, page_table[b], pos0, kv_lo,
-                pos0 + ntok, sliding_window=sliding_window, soft_cap=soft_cap, pages_per_block=C,
-            ).reshape(TQ, NH, D)  # fmt: skip
-        else:
-            ot = _tile_dot_product_attention(
-                qt.astype(q.dtype if is_quantized(kv) else kv.dtype), kv, page_table[b], pos0, ntok, sm_scale=sm_scale,
-                implementation=implementation, prefix_chunk_tokens=prefix_chunk_tokens,
-            )  # fmt: skip
-        rows = jnp.arange(TQ)[:, None, None] < ntok
-        old = lax.dynamic_slice_in_dim(out, tok0, TQ)
-        return lax.dynamic_update_slice_in_dim(out, jnp.where(rows, ot, old), tok0, axis=0)
+    def tiles(carry, serve, tq, c):  # serve [B] bool: the extend rows this loop computes
+        n_tiles = jnp.where(serve, (q_lens + tq - 1) // tq, 0)  # [B]; row b owns tiles [end - n, end)
+        tile_end = jnp.cumsum(n_tiles)  # [B]
+        table = page_table if c == C else jnp.pad(md.page_table, ((0, 0), (0, -(-MP // c) * c - MP)))
 
-    out = jnp.zeros((T + TQ, NH, D), jnp.float32)
-    out = lax.fori_loop(0, tile_end[-1], tile_body, out)[:T]  # [T, NH, D]
+        def tile_body(i, carry):  # out [T+TQ, NH, D] f32, lse [T+TQ, NH]
+            out, lse = carry
+            b = jnp.minimum(jnp.sum(tile_end <= i), B - 1).astype(jnp.int32)  # the row tile i belongs to
+            local = i - (tile_end[b] - n_tiles[b])
+            tok0 = md.cu_q_lens[b] + local * tq
+            ntok = jnp.minimum(md.cu_q_lens[b + 1] - tok0, tq)
+            pos0 = md.kv_lens[b] - q_lens[b] + local * tq  # kv position of token tok0
+            qt = lax.dynamic_slice_in_dim(q_pad, tok0, tq)  # [tq, NH, D]
+            if prefill == "einsum":
+                kv_lo = 0 if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+                ot, lt = _tile_einsum(
+                    qt.reshape(tq, KH, G, D).astype(jnp.float32) * sm_scale, kv, table[b], pos0,
+                    jnp.maximum(kv_lo, shared_lens[b]), pos0 + ntok, sliding_window=sliding_window,
+                    soft_cap=soft_cap, pages_per_block=c,
+                )  # fmt: skip
+                ot, lt = ot.reshape(tq, NH, D), lt.reshape(tq, NH)
+            else:
+                ot = _tile_dot_product_attention(
+                    qt.astype(q.dtype if is_quantized(kv) else kv.dtype), kv, table[b], pos0, ntok,
+                    sm_scale=sm_scale, implementation=implementation, prefix_chunk_tokens=prefix_chunk_tokens,
+                )  # fmt: skip
+                lt = jnp.zeros((tq, NH), jnp.float32)  # no shared part to merge with (shared_lens 0 here)
+            rows = jnp.arange(tq)[:, None] < ntok  # [tq, 1]
+            old_o, old_l = lax.dynamic_slice_in_dim(out, tok0, tq), lax.dynamic_slice_in_dim(lse, tok0, tq)
+            return (lax.dynamic_update_slice_in_dim(out, jnp.where(rows[..., None], ot, old_o), tok0, axis=0),
+                    lax.dynamic_update_slice_in_dim(lse, jnp.where(rows, lt, old_l), tok0, axis=0))
+
+        return lax.fori_loop(0, tile_end[-1], tile_body, carry)
+
+    carry = (jnp.zeros((T + TQ, NH, D), jnp.float32), jnp.full((T + TQ, NH), -jnp.inf, jnp.float32))
+    if short:
+        CQ = max(1, min(short_kv_block_tokens // S, MP))
+        carry = tiles(carry, (q_lens >= 2) & (q_lens <= short_q_tile), short_q_tile, CQ)
+        carry = tiles(carry, q_lens > short_q_tile, TQ, C)
+    else:
+        carry = tiles(carry, q_lens >= 2, TQ, C)
+    out, lse = carry
+    out, lse = out[:T], lse[:T]  # [T, NH, D], [T, NH]
     # Decode rows' outputs go to their token; padding tokens stay 0.
     dec_tok = jnp.where(is_decode, md.cu_q_lens[:-1], T)  # [B]
     out = out.at[dec_tok].set(o_dec, mode="drop")
+    if cascade:
+        lse = lse.at[dec_tok].set(lse_dec, mode="drop")
+        tok = jnp.arange(T, dtype=jnp.int32)
+        tok_row = jnp.clip(jnp.searchsorted(md.cu_q_lens[1:], tok, side="right"), 0, B - 1)  # [T]
+        tok_len = jnp.where(tok < md.cu_q_lens[B], shared_lens[tok_row], 0)  # [T]
+        CS = max(1, min(kv_block_tokens // S, MP))
+        shared_pages = jnp.pad(md.shared_pages, (0, -(-MP // CS) * CS - MP))
+        o_sh, lse_sh = _shared_prefix_part(q, kv, shared_pages, tok_len, sm_scale=sm_scale, soft_cap=soft_cap,
+                                           pages_per_block=CS)
+        out = jnp.where((tok_len > 0)[:, None, None], _merge(out, lse, o_sh, lse_sh)[0], out)
     return out.astype(q.dtype)
