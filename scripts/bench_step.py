@@ -40,7 +40,6 @@ import numpy as np
 from jaxradix import Engine, SamplingParams
 from jaxradix.cache.page_pool import kv_bytes_per_token
 from jaxradix.engine.batch import Bucket, StepInput
-from jaxradix.pallas_kernels.metadata import AttentionMetadata
 
 SGLANG_INPUT, SGLANG_OUTPUT = 4096, 2048  # SGLang's CI random workload (Llama-3.1-8B, H100)
 SHORT_INPUT, SHORT_OUTPUT = 512, 256
@@ -114,8 +113,8 @@ def decode_input(engine: Engine, batch: int, context: int) -> tuple[Bucket, Step
         input_ids=rng.integers(0, engine.model_config.vocab_size, B).astype(np.int32),
         positions=pos,
         slot_mapping=slots,
-        attn=AttentionMetadata(cu_q_lens=np.minimum(np.arange(B + 1, dtype=np.int32), batch), kv_lens=kv_lens,
-                               page_table=page_table, num_seqs=np.array([batch], np.int32)),
+        attn=dataclasses.replace(example.attn, cu_q_lens=np.minimum(np.arange(B + 1, dtype=np.int32), batch),
+                                 kv_lens=kv_lens, page_table=page_table, num_seqs=np.array([batch], np.int32)),
         logits_indices=np.minimum(np.arange(B, dtype=np.int32), batch - 1),
     )
 

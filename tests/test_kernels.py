@@ -287,7 +287,8 @@ gathered = jax.jit(
     functools.partial(
         ragged_paged_attention_gathered, q_tile=16, kv_block_tokens=32, decode_block_tokens=32, prefix_chunk_tokens=32
     ),
-    static_argnames=("sm_scale", "sliding_window", "soft_cap", "prefill", "short_q_tile", "short_kv_block_tokens"),
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "prefill", "short_q_tile", "short_kv_block_tokens",
+                     "shared_block_tokens"),
 )
 
 
@@ -330,7 +331,8 @@ def test_gathered_cascade(case_name, prefill, short_q_tile):
     """Rows that share a prefix read it once, in one block for all of them, merged with their own keys
     by log-sum-exp: the reference's outputs (page1 has a sliding window: the cascade stays off). With
     short_q_tile, rows of <= 8 new tokens take their own loop of 8-token tiles over 16-token kv blocks."""
-    attention = functools.partial(gathered, prefill=prefill, short_q_tile=short_q_tile, short_kv_block_tokens=16)
+    attention = functools.partial(gathered, prefill=prefill, short_q_tile=short_q_tile, short_kv_block_tokens=16,
+                                  shared_block_tokens=32)
     check(case_name, jnp.float32, attention, share=True)
 
 

@@ -262,6 +262,7 @@ def ragged_paged_attention_gathered(
     decode_block_tokens: int = 128,
     short_q_tile: int = 0,
     short_kv_block_tokens: int = 128,
+    shared_block_tokens: int = 512,
     prefix_chunk_tokens: int = 4096,
     prefill: str = "einsum",
     implementation: str | None = None,
@@ -360,7 +361,7 @@ def ragged_paged_attention_gathered(
         tok = jnp.arange(T, dtype=jnp.int32)
         tok_row = jnp.clip(jnp.searchsorted(md.cu_q_lens[1:], tok, side="right"), 0, B - 1)  # [T]
         tok_len = jnp.where(tok < md.cu_q_lens[B], shared_lens[tok_row], 0)  # [T]
-        CS = max(1, min(kv_block_tokens // S, MP))
+        CS = max(1, min(shared_block_tokens // S, MP))  # pages per block of the shared prefix
         shared_pages = jnp.pad(md.shared_pages, (0, -(-MP // CS) * CS - MP))
         o_sh, lse_sh = _shared_prefix_part(q, kv, shared_pages, tok_len, sm_scale=sm_scale, soft_cap=soft_cap,
                                            pages_per_block=CS)
