@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxradix.models import cpu_matmul
+from jaxradix.models import cpu_matmul, cpu_native
 from jaxradix.models.quantization import dense, quantize_channels
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU matmul path")
@@ -63,7 +63,8 @@ def test_tied_logits_rows(tokens):
     assert y.shape == (tokens, 200)
     assert float(jnp.max(jnp.abs(y - ref))) < 1e-3 * float(jnp.max(jnp.abs(ref)))
     text = jax.jit(dense).lower(x, q).compile().as_text()
-    assert "f32[200,64]" not in text and "f32[64,200]" not in text and "s32[" in text
+    assert "f32[200,64]" not in text and "f32[64,200]" not in text  # no dequantized table
+    assert "s32[" in text or cpu_native.TARGET in text  # XLA's int8 dot, or the native gemv
 
 
 def test_int8_dot_reads_the_int8_weight():
@@ -78,10 +79,13 @@ def test_int8_dot_reads_the_int8_weight():
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_row_blocks_give_the_same_products(tokens):
-    """ColumnBlocks (one block per core, stored by rows) is a layout, not new arithmetic: int32 sums are
-    exact, so each output column equals the unsplit weight's bit for bit."""
+def test_row_blocks_give_the_same_products(tokens, monkeypatch):
+    """ColumnBlocks (one block per core, stored by rows) is a layout, not new arithmetic: through XLA's
+    int8 dots (native gemv off) int32 sums are exact, so each output column equals the unsplit weight's
+    bit for bit."""
     from jaxradix.models.quantization import ColumnBlocks, embedding_rows
+
+    monkeypatch.setattr(cpu_native, "available", lambda: False)
 
     x, w, table = _rand((tokens, 96), 6), _rand((96, 512), 7), _rand((512, 96), 8)
     q, qt = quantize_channels(w, kind="int8"), quantize_channels(table, kind="int8", axis=1)
@@ -98,3 +102,31 @@ def test_row_blocks_give_the_same_products(tokens):
     np.testing.assert_array_equal(embedding_rows(tblocks, ids, jnp.float32), embedding_rows(qt, ids, jnp.float32))
     assert cpu_matmul.column_blocks(512, threads=1) == 1 and cpu_matmul.column_blocks(200, threads=2) == 1
     assert cpu_matmul.column_blocks(960, threads=8) == 4
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_native_int8_gemv_matches_the_dequantized_weight(tokens):
+    """The C++ gemv (models/int8_gemv.cc, an XLA FFI call) against x @ dequantized weight: exact f32
+    activations, so only f32 summation order differs. Skipped where no C++ compiler builds it."""
+    if not cpu_native.available():
+        pytest.skip("native CPU gemv not built here (no C++ compiler?)")
+    x, table = _rand((tokens, 200), 9), _rand((300, 200), 10)
+    q = quantize_channels(table, kind="int8", axis=1)  # [N, K] rows, one scale per row
+    want = x @ q.dequantize().T
+    got = jax.jit(cpu_native.int8_rows)(x, q.values, q.scales)
+    assert got.shape == (tokens, 300) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_decode_matmuls_take_the_native_gemv_and_prefill_the_int8_dots():
+    """dense() on row blocks: up to MAX_TOKENS rows the compiled product is the FFI call (no YNNPACK
+    fusion), beyond it YNNPACK's int8 dot; both equal the unsplit weight's product."""
+    if not cpu_native.available():
+        pytest.skip("native CPU gemv not built here (no C++ compiler?)")
+    w = quantize_channels(_rand((96, 512), 11), kind="int8")
+    blocks = cpu_matmul.split_for_threads({"layers.0.wo": w}, threads=2)["layers.0.wo"]
+    for tokens, native in ((1, True), (cpu_native.MAX_TOKENS, True), (cpu_native.MAX_TOKENS + 1, False)):
+        x = _rand((tokens, 96), 12)
+        hlo = jax.jit(dense).lower(x, blocks).compile().as_text()
+        assert (cpu_native.TARGET in hlo) == native and ("__ynn_fusion" in hlo) == (not native), tokens
+        np.testing.assert_allclose(dense(x, blocks), x @ w.dequantize(), rtol=1e-3, atol=2e-3)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxradix.models import cpu_matmul
+from jaxradix.models import cpu_matmul, cpu_native
 
 QUANTIZATIONS = ("none", "int8", "fp8", "gguf")
 # --quantization name -> storage dtype of a per-channel quantized weight
@@ -246,7 +246,9 @@ def _matmul_int8(x: jax.Array, w: QuantizedWeight) -> jax.Array:  # [T, K] -> [T
     if not int8_channels(w):
         return _matmul_tiled(x, w)
     scales = w.scales.reshape(-1)  # [N]
-    if w.axis == 1:  # an embedding table [N, K]: the tied logits
+    if w.axis == 1:  # stored by rows [N, K]: ColumnBlocks' blocks, the tied logits' table
+        if x.shape[0] <= cpu_native.MAX_TOKENS and cpu_native.available():
+            return cpu_native.int8_rows(x, w.values, scales)  # exact f32 activations, at memory bandwidth
         return cpu_matmul.int8_matmul_rows(x, w.values, scales)
     return cpu_matmul.int8_matmul(x, w.values, scales)
 

@@ -363,7 +363,11 @@ def ragged_paged_attention_gathered(
         tok_len = jnp.where(tok < md.cu_q_lens[B], shared_lens[tok_row], 0)  # [T]
         CS = max(1, min(shared_block_tokens // S, MP))  # pages per block of the shared prefix
         shared_pages = jnp.pad(md.shared_pages, (0, -(-MP // CS) * CS - MP))
-        o_sh, lse_sh = _shared_prefix_part(q, kv, shared_pages, tok_len, sm_scale=sm_scale, soft_cap=soft_cap,
-                                           pages_per_block=CS)
-        out = jnp.where((tok_len > 0)[:, None, None], _merge(out, lse, o_sh, lse_sh)[0], out)
+
+        def with_shared(out):
+            o_sh, lse_sh = _shared_prefix_part(q, kv, shared_pages, tok_len, sm_scale=sm_scale, soft_cap=soft_cap,
+                                               pages_per_block=CS)
+            return jnp.where((tok_len > 0)[:, None, None], _merge(out, lse, o_sh, lse_sh)[0], out)
+
+        out = lax.cond(jnp.any(tok_len > 0), with_shared, lambda out: out, out)  # most steps share nothing
     return out.astype(q.dtype)
