@@ -94,11 +94,11 @@ def _cudnn_prefill_reason(q: jax.Array, kv: jax.Array, sliding_window, soft_cap)
     return None
 
 
-# Tile sizes of the gathered path on CPU (docs/benchmarks.md, SmolLM2 shapes on 2 cores): a 512-token
-# prefill is fastest in 64-token tiles over 256-token kv blocks, short rows after a shared prefix in
+# Tile sizes of the gathered path on CPU (docs/benchmarks.md, SmolLM2 shapes on 2 cores): 512-token
+# prefills are fastest in 128-token tiles over 256-token kv blocks, short rows after a shared prefix in
 # 32-token tiles over 128-token blocks, decode rows' own pages in 64-token blocks, the shared prefix
 # in 128-token blocks.
-CPU_GATHERED_TILES = dict(q_tile=64, kv_block_tokens=256, decode_block_tokens=64, short_q_tile=32,
+CPU_GATHERED_TILES = dict(q_tile=128, kv_block_tokens=256, decode_block_tokens=64, short_q_tile=32,
                           short_kv_block_tokens=128, shared_block_tokens=128)
 
 
