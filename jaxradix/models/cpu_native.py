@@ -7,7 +7,8 @@ weights in 6.3 ms at one decode token on 2 cores; the plain C++ loop in int8_gem
 host (-O3 -march=native), reads them in ~3.8 ms with exact f32 activations (docs/benchmarks.md).
 
 The library is built into ``$JAXRADIX_NATIVE_DIR`` (default ``~/.cache/jaxradix/native``), named by a
-hash of the source, the compiler flags and the jaxlib version, so a changed source or jax rebuilds it.
+hash of the source, the compiler flags, the jax version and the CPU (model and flags: it is built with
+-march=native), so a changed source, jax or CPU rebuilds it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -32,8 +34,20 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fP
 MAX_TOKENS = 8  # activation rows up to which the gemv beats YNNPACK's dot (decode); more: YNNPACK
 
 
+def _cpu_identity() -> bytes:
+    """The host CPU's model and instruction set flags: -march=native code must not run on another CPU
+    (a home directory shared between machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode() + platform.machine().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted})).encode()
+
+
 def _library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jax.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jax.__version__.encode()
+                         + _cpu_identity()).hexdigest()[:16]
     root = Path(os.environ.get("JAXRADIX_NATIVE_DIR", Path.home() / ".cache" / "jaxradix" / "native"))
     return root / f"int8_gemv-{key}.so"
 
