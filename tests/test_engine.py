@@ -243,3 +243,31 @@ def test_pallas_interpret_backend_matches_reference(engine):
     prompts = ["The capital of France is", "def fibonacci(n):"]
     sp = SamplingParams(temperature=0, max_new_tokens=4)
     assert _greedy(pallas, prompts, sp) == _greedy(engine, prompts, sp)
+
+
+def test_shared_system_prompt_is_read_once_and_changes_nothing(engine, monkeypatch):
+    """Requests after a cached multi-page system prompt: their steps mark it as a shared prefix (the
+    gathered path's cascade reads it once per step) and the greedy tokens are those of the same run with
+    the cascade off (every row reading its own pages)."""
+    import jaxradix.engine.engine as engine_module
+
+    assert engine.runner.reads_shared_prefix  # CPU: the gathered path
+    system = "You are a helpful assistant who answers in one short sentence. " * 6  # > 3 pages of 16
+    questions = [system + q for q in ("What is the capital of France?", "Name a color.", "What is 2 + 2?")]
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    engine.generate(system, SamplingParams(temperature=0, max_new_tokens=1))  # the prompt is cached
+    marked = []
+    real_build = engine_module.build_step
+
+    def spy(*args, **kwargs):
+        inp = real_build(*args, **kwargs)
+        marked.append(int(np.max(inp.attn.shared_lens)))
+        return inp
+
+    monkeypatch.setattr(engine_module, "build_step", spy)
+    with_cascade = _greedy(engine, questions, params)
+    assert max(marked) >= 3 * engine.pool.page_size, marked
+    monkeypatch.setattr(engine.runner, "reads_shared_prefix", False)
+    marked.clear()
+    assert _greedy(engine, questions, params) == with_cascade
+    assert max(marked) == 0

@@ -293,7 +293,7 @@ def ragged_paged_attention_gathered(
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # [B]
     # The cascade: rows' shared prefix read once for all of them (not with a sliding window, whose
     # per-token key range the shared part would have to mask; cuDNN extend tiles read their own keys)
-    cascade = md.shared_lens is not None and md.shared_pages is not None and sliding_window is None
+    cascade = md.shared_lens is not None and md.shared_pages is not None and sliding_window is None and B > 1
     shared_lens = md.shared_lens if cascade else jnp.zeros((B,), jnp.int32)  # [B]
     if cascade and prefill != "einsum":
         shared_lens = jnp.where(q_lens == 1, shared_lens, 0)
@@ -359,7 +359,7 @@ def ragged_paged_attention_gathered(
     if cascade:
         lse = lse.at[dec_tok].set(lse_dec, mode="drop")
         tok = jnp.arange(T, dtype=jnp.int32)
-        tok_row = jnp.clip(jnp.searchsorted(md.cu_q_lens[1:], tok, side="right"), 0, B - 1)  # [T]
+        tok_row = jnp.minimum(jnp.sum(md.cu_q_lens[None, 1:] <= tok[:, None], axis=1), B - 1)  # [T]
         tok_len = jnp.where(tok < md.cu_q_lens[B], shared_lens[tok_row], 0)  # [T]
         CS = max(1, min(shared_block_tokens // S, MP))  # pages per block of the shared prefix
         shared_pages = jnp.pad(md.shared_pages, (0, -(-MP // CS) * CS - MP))
