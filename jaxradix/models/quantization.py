@@ -18,6 +18,8 @@ for int8 and 448 for float8_e4m3fn) at load, from any source. ``--quantization g
 file's blocks as they are: Q8_0 int8 and Q6_K int8 with their 32- / 16-entry group scales, Q4_0 int4,
 Q4_1 and Q4_K uint4 with group scales and offsets (exactly ggml's dequantization formula, in f32);
 on CPU the 4-bit values are held as int8, which XLA:CPU converts several times faster (device_storage).
+On CPU a per-channel int8 weight is held as ``ColumnBlocks`` (its output columns stored by rows, one block
+per core; ``cpu_matmul.split_for_threads``), which ``dense`` and ``embedding_rows`` also take.
 All scales are f32. Under tensor parallelism the fused columns of values, scales and offsets are
 permuted per shard alike (they share the last axis), and a leaf's axis of size 1 is replicated.
 """

@@ -49,6 +49,12 @@ from jaxradix.pallas_kernels.reference import KVPool, read_pages
 PREFILL_IMPLS = ("einsum", "dot_product_attention")
 
 
+def _pad_pages(pages: jax.Array, c: int) -> jax.Array:
+    """Page ids [..., n] padded with page 0 to [..., ceil(n / c) * c]: whole blocks of c pages."""
+    n = pages.shape[-1]
+    return jnp.pad(pages, [(0, 0)] * (pages.ndim - 1) + [(0, -(-n // c) * c - n)])
+
+
 def _softmax_step(carry, s, v):
     """One online-softmax step: `s` [..., N] f32 scores (-inf masked), `v` values, einsum-ready."""
     m, l, acc = carry
@@ -220,7 +226,7 @@ def _tile_dot_product_attention(
     _, S, KH2, _ = kv.shape
     KH = KH2 // 2
     CP = max(1, min(prefix_chunk_tokens // S, pages.shape[0]))  # pages per prefix chunk
-    pages = jnp.pad(pages, (0, -(-pages.shape[0] // CP) * CP - pages.shape[0]))
+    pages = _pad_pages(pages, CP)
     N = pages.shape[0] * S
     n = jnp.reshape(ntok, (1,)).astype(jnp.int32)
     attend = functools.partial(
@@ -285,11 +291,9 @@ def ragged_paged_attention_gathered(
     md = clean_metadata(md)
     B, MP = md.page_table.shape
     C = max(1, min(kv_block_tokens // S, MP))  # pages per kv block
-    NB = -(-MP // C)
-    page_table = jnp.pad(md.page_table, ((0, 0), (0, NB * C - MP)))  # [B, NB*C]
     TQ = max(1, min(q_tile, T))
     CD = max(1, min(decode_block_tokens // S, MP))  # pages per decode kv block
-    dec_table = jnp.pad(md.page_table, ((0, 0), (0, -(-MP // CD) * CD - MP)))
+    dec_table = _pad_pages(md.page_table, CD)
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]  # [B]
     # The cascade: rows' shared prefix read once for all of them (not with a sliding window, whose
     # per-token key range the shared part would have to mask; cuDNN extend tiles read their own keys)
@@ -313,7 +317,7 @@ def ragged_paged_attention_gathered(
     def tiles(carry, serve, tq, c):  # serve [B] bool: the extend rows this loop computes
         n_tiles = jnp.where(serve, (q_lens + tq - 1) // tq, 0)  # [B]; row b owns tiles [end - n, end)
         tile_end = jnp.cumsum(n_tiles)  # [B]
-        table = page_table if c == C else jnp.pad(md.page_table, ((0, 0), (0, -(-MP // c) * c - MP)))
+        table = _pad_pages(md.page_table, c)
 
         def tile_body(i, carry):  # out [T+TQ, NH, D] f32, lse [T+TQ, NH]
             out, lse = carry
@@ -362,7 +366,7 @@ def ragged_paged_attention_gathered(
         tok_row = jnp.minimum(jnp.sum(md.cu_q_lens[None, 1:] <= tok[:, None], axis=1), B - 1)  # [T]
         tok_len = jnp.where(tok < md.cu_q_lens[B], shared_lens[tok_row], 0)  # [T]
         CS = max(1, min(shared_block_tokens // S, MP))  # pages per block of the shared prefix
-        shared_pages = jnp.pad(md.shared_pages, (0, -(-MP // CS) * CS - MP))
+        shared_pages = _pad_pages(md.shared_pages, CS)
 
         def with_shared(out):
             o_sh, lse_sh = _shared_prefix_part(q, kv, shared_pages, tok_len, sm_scale=sm_scale, soft_cap=soft_cap,
