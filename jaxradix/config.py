@@ -51,6 +51,11 @@ class EngineConfig:
     min_new_token_ratio: float = 0.15
     stream_interval: int = 1
     disable_overlap_schedule: bool = False  # schedule step N+1 only after reading step N's results
+    # "split": the sampler is its own executable, compiled per SamplerPlan (no lax.cond: a GPU copies a
+    # conditional's predicate to the host and blocks); "fused": in the step behind lax.cond; "auto": split
+    # on a GPU, fused elsewhere (JAXRADIX_SAMPLER overrides auto)
+    sampler_mode: str = "auto"
+    sampler_warmup: bool = True  # split: compile every sampler plan in a background thread after start-up
     log_level: str = "info"
     tp_size: int = 1  # tensor parallelism over this many devices (over all hosts' devices when nnodes > 1)
     nnodes: int = 1  # processes (hosts) in one jax.distributed job; rank 0 schedules, every rank computes
@@ -72,6 +77,7 @@ class EngineConfig:
         check(self.schedule_policy in SCHEDULE_POLICIES, "schedule_policy", f"must be one of {SCHEDULE_POLICIES}")
         check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
               f"must be one of {ATTENTION_BACKENDS}")
+        check(self.sampler_mode in ("auto", "fused", "split"), "sampler_mode", "must be auto, fused or split")
         check(self.grammar_backend in GRAMMAR_BACKENDS, "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}")
         check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
         check(self.quantization is None or self.quantization in QUANTIZATIONS, "quantization",

@@ -40,6 +40,7 @@ import numpy as np
 from jaxradix import Engine, SamplingParams
 from jaxradix.cache.page_pool import kv_bytes_per_token
 from jaxradix.engine.batch import Bucket, StepInput
+from jaxradix.engine.sampler import SamplerPlan
 
 SGLANG_INPUT, SGLANG_OUTPUT = 4096, 2048  # SGLang's CI random workload (Llama-3.1-8B, H100)
 SHORT_INPUT, SHORT_OUTPUT = 512, 256
@@ -124,14 +125,15 @@ def device_step_seconds(engine: Engine, batch: int, context: int, iters: int = 2
     engine.wait_idle(timeout=600)
     runner = engine.runner
     bucket, inp = decode_input(engine, batch, context)
-    fn = runner._get(bucket, False, serving=False)
+    plan = SamplerPlan.of(inp.sampling)  # greedy; with the split sampler its own executable runs too
+    runner._get(bucket, False, serving=False)
     inp = jax.device_put(inp)
     out = None
 
     def run(n: int) -> None:
         nonlocal out
         for _ in range(n):
-            engine.pool.kv, runner.state, out, _ = fn(runner.params, engine.pool.kv, runner.state, inp)
+            out, _ = runner._run(bucket, False, plan, inp)
         jax.block_until_ready(out)
 
     run(2)
@@ -205,6 +207,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", help="the KV pool's dtype, as the server flag")
     ap.add_argument("--compilation-cache-dir", default=None,
                     help="default: a fresh temporary directory, so the compile time is cold")
+    ap.add_argument("--sampler-mode", default="auto", help="auto, fused or split (EngineConfig.sampler_mode)")
+    ap.add_argument("--trace", default=None, help="write a jax.profiler trace of a short decode run here")
     ap.add_argument("--json", default=None, help="write the figures here too")
     args = ap.parse_args()
     opt = dataclasses.replace(QUICK if args.quick else FULL)
@@ -221,7 +225,8 @@ def main() -> None:
               max_running_requests=max_running,
               context_length=max(sg_in + sg_out, opt.decode_context) + 16, attention_backend=args.attention_backend,
               max_total_tokens=args.max_total_tokens or (8192 if cpu else None), compilation_cache_dir=cache,
-              kv_cache_dtype=args.kv_cache_dtype,
+              kv_cache_dtype=args.kv_cache_dtype, sampler_mode=args.sampler_mode,
+              sampler_warmup=False,  # greedy only: the start-up plans serve every step here
               log_level="warning")
     if args.chunked_prefill_size:
         kw["chunked_prefill_size"] = args.chunked_prefill_size
@@ -232,7 +237,8 @@ def main() -> None:
           f"weights {engine.loaded.model.dtype} ({engine.loaded.quantization}), KV {engine.pool.dtype}) "
           f"on {jax.default_backend()} "
           f"({dev.device_kind}; {platform.processor() or platform.machine()}), jax {jax.__version__}, "
-          f"{engine.pool.capacity * engine.pool.page_size} KV tokens, max running {max_running}", flush=True)
+          f"{engine.pool.capacity * engine.pool.page_size} KV tokens, max running {max_running}, "
+          f"sampler {'split' if engine.runner.split else 'fused'}", flush=True)
     print(f"# {engine.memory.log_line()}", flush=True)
     rows: list[tuple[str, str, str]] = []
     figures: dict = {}
@@ -263,6 +269,14 @@ def main() -> None:
             f"device {dev_s * 1e3:.2f} ms, engine {es.wall_s * 1e3:.2f} ms/step",
             f"roofline {floor * 1e3:.2f} ms (device {dev_s / floor:.2f}x); host {es.host_s * 1e3:.2f} ms/step; "
             f"engine - device {(es.wall_s - dev_s) * 1e3:.2f} ms{gap}; {b / es.wall_s:.0f} tok/s")
+
+    if args.trace:  # a short decode run of the largest batch: the device timeline and the host's gaps in it
+        b = opt.batches[-1]
+        trace_rng = np.random.default_rng(1)
+        with jax.profiler.trace(args.trace):
+            generate_all(engine, [random_ids(trace_rng, engine, opt.decode_context - 16) for _ in range(b)],
+                         [16] * b, None)
+        print(f"# profiler trace of {b} requests x 16 tokens: {args.trace}", flush=True)
 
     rng = np.random.default_rng(0)
     if opt.sglang_prompts:

@@ -10,7 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-PARTS=${PARTS:-"decode kvkernels memory"}
+PARTS=${PARTS:-"sync kernels"}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -32,6 +32,11 @@ part() {  # name, seconds, command...
   echo "=== $name rc=$rc in $((SECONDS - t0)) s"
 }
 
+# issue 10: the fused sampler (lax.cond: a host sync each) against the split one, at the batches where the
+# engine ran 3.9-7 ms per step over the bare device step; a profiler trace of each (the device timeline)
+part sync "${SYNC_LIMIT:-540}" bash -c 'rc=0; for m in fused split; do python3 scripts/bench_step.py \
+  --model-path scripts/configs/llama-3.1-8b --load-format dummy --batches 1,32,128 --sglang-prompts 0 \
+  --short-prompts 256 --sampler-mode $m --trace "'"$OUT"'/trace-$m" --json "'"$OUT"'/step-$m.json" || rc=1; done; exit $rc'
 part step "${STEP_LIMIT:-300}" python3 scripts/bench_step.py --model-path scripts/configs/llama-3.1-8b \
   --load-format dummy --sglang-prompts "${SGLANG_PROMPTS:-150}"
 part kernels "${KERNELS_LIMIT:-170}" python3 scripts/bench_kernels.py --parts decode,extend --contexts 1024 2048 8192

@@ -133,6 +133,39 @@ def test_abort_mid_batch_leaves_the_others_exact(on, off):
     assert [o["output_ids"] for o in others] == ref
 
 
+@pytest.fixture(scope="module")
+def split():
+    """The GPU's sampler (its own executable per SamplerPlan, no lax.cond) on CPU, with overlap on;
+    no warm-up thread, so each plan compiles on first use."""
+    e = get_engine(sampler_mode="split", sampler_warmup=False)
+    assert e.runner.split and e.overlap
+    return e
+
+
+def test_split_sampler_same_greedy_ids_and_mixed_outputs(split, off):
+    assert not off.runner.split
+    split.flush_cache()
+    off.flush_cache()
+    ref = _greedy(off, SHORT + [LONG])
+    assert _greedy(split, SHORT + [LONG]) == ref
+    assert _greedy(split, SHORT + [LONG]) == ref  # cached
+    full = off.generate("Count: 1, 2, 3,", SamplingParams(temperature=0, max_new_tokens=16))["text"]
+    stop = full.strip().split(" ")[1]
+    ref = _mixed(off, stop)
+    runner = split.runner
+    first = len(runner._samplers)
+    got = _mixed(split, stop)
+    assert len(runner._samplers) > first  # the mixed batch's plans compiled on first use ...
+    for a, b in zip(got, ref, strict=True):
+        _same(a, b)
+    again = _mixed(split, stop)  # (its steps may group the rows differently: new plans may compile)
+    for a, b in zip(again, ref, strict=True):
+        _same(a, b)
+    # ... once each: every compile is a distinct bucket, (rows, plan) or the slot initialiser
+    assert runner.num_compiles == len(runner._compiled) + len(runner._samplers) + 1
+    assert split.stats["overlapped_steps"] > 0
+
+
 def test_server_flag_turns_overlap_off():
     args = build_parser().parse_args(["--disable-overlap-schedule"])
     assert engine_kwargs(args)["disable_overlap_schedule"] is True

@@ -3,6 +3,8 @@ penalties and logit bias, the grammar mask, logprobs and the per-slot state upda
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +165,38 @@ def test_a_draw_depends_only_on_seed_and_step():
     assert int(a.tokens[0]) == int(a.tokens[1])
     b, _ = run(x, metadata(4, temperature=1.0, seed=[9, 5, 9, 9], step=[0, 2, 0, 0]), SamplerState.zeros(4, V))
     assert int(b.tokens[1]) == int(a.tokens[0])
+
+
+@pytest.mark.parametrize("case", ["greedy", "draw", "filters", "penalties"])
+def test_a_plan_samples_exactly_what_the_conditionals_sample(case):
+    """The split sampler (static SamplerPlan, no lax.cond) against the fused one on the same rows."""
+    from jaxradix.engine.sampler import SamplerPlan
+
+    R = 8
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 2, (R, V)).astype(np.float32)
+    state = SamplerState.zeros(R, V)
+    fields = dict(slot=np.arange(R), seed=np.arange(R) + 3, step=np.arange(R))
+    if case != "greedy":
+        fields["temperature"] = [0, 0.7, 1.0, 1.3, 0.9, 1.0, 0, 1.0]
+    if case in ("filters", "penalties"):
+        fields |= dict(top_k=[0, 3, 0, 0, 5, 0, 2, 0], top_p=[1, 1, 0.6, 1, 0.8, 1, 0.5, 1],
+                       min_p=[0, 0, 0, 0.1, 0, 0, 0, 0])
+    if case == "penalties":
+        for r in range(R):
+            state = init_slot(state, r, jnp.asarray([int(x[r].argmax())] + [-1] * 3, jnp.int32),
+                              jnp.asarray([int(np.argsort(-x[r])[1])] * 2 + [-1] * 2, jnp.int32),
+                              jnp.asarray([4, -1]), jnp.asarray([2.0, 0.0], jnp.float32))
+        fields |= dict(use_state=[1, 1, 0, 1, 1, 0, 1, 0], repetition_penalty=1.5, frequency_penalty=0.5)
+    md = metadata(R, **fields)
+    plan = SamplerPlan.of(md)
+    assert plan.draw == (case != "greedy") and plan.filters == (case in ("filters", "penalties"))
+    assert plan.penalties == (case == "penalties") and plan.top_logprobs
+    fused_out, fused_state = run(x, md, state)
+    split_out, split_state = jax.jit(sample, static_argnums=3)(x, md, state, plan)
+    for a, b in zip(jax.tree.leaves((fused_out, fused_state)), jax.tree.leaves((split_out, split_state)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if case == "penalties":  # the plan's penalties change the choice: a plan without them would differ
+        no_pen, _ = jax.jit(sample, static_argnums=3)(x, md, state, dataclasses.replace(plan, penalties=False))
+        assert (np.asarray(no_pen.tokens) != np.asarray(split_out.tokens)).any()

@@ -129,6 +129,18 @@ def test_tiny_engine_tp8_replicated_kv_heads_matches_tp1():
     assert len(kv.sharding.device_set) == 8
 
 
+def test_tiny_engine_tp8_split_sampler_matches_tp1():
+    """TP with the GPU's split sampler: the forward's replicated logits feed a sampler executable."""
+    ref = _run(get_engine(model_path=TINY_DIR, **TINY_ENGINE))
+    engine = get_engine(model_path=TINY_DIR, tp_size=8, sampler_mode="split", sampler_warmup=False, **TINY_ENGINE)
+    assert engine.runner.split
+    before = engine.runner.num_compiles
+    got = _run(engine)
+    assert engine.runner.num_compiles == before  # greedy and plain sampling: compiled at start-up
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in ref]
+
+
+
 def test_embedded_model_tp3(tmp_path):
     with pytest.raises(ValueError, match="tp_size=2: does not divide the model's 9 query heads"):
         get_engine(tp_size=2)

@@ -151,7 +151,8 @@ class Engine:
         self.buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests, min_rows=decode_min_rows())
         max_pages = -(-self.context_len // cfg.page_size)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.buckets, max_pages,
-                                  cfg.max_running_requests, self.context_len, attention_fn, tp, self.channel)
+                                  cfg.max_running_requests, self.context_len, attention_fn, tp, self.channel,
+                                  cfg.sampler_mode, cfg.sampler_warmup)
         self.memory = self._memory_report(activation_bytes)
         logger.info(self.memory.log_line())
         self.stop_token_ids = set(mc.eos_token_ids)
@@ -208,7 +209,8 @@ class Engine:
         buckets = Buckets(cfg.max_running_requests, chunk + cfg.max_running_requests, min_rows=decode_min_rows())
         scratch = _allocate_pool(mc, cfg.page_size, cfg.page_size, dtype, self.loaded.tp)
         runner = ModelRunner(self.loaded.model, scratch, buckets, -(-context // cfg.page_size),
-                             cfg.max_running_requests, context, attention_fn, self.loaded.tp)
+                             cfg.max_running_requests, context, attention_fn, self.loaded.tp,
+                             sampler=cfg.sampler_mode, sampler_warmup=False)
         largest = max(buckets.all(), key=lambda b: (b.tokens, b.rows))
         n = runner.step_bytes(largest, prompt_logprobs=True)
         del runner, scratch
@@ -293,6 +295,7 @@ class Engine:
             self._stopped = True
             self._inbox.put(None)
             self._thread.join(timeout=30)
+        self.runner.stop_warmup()
 
     def join(self) -> None:
         """Block until the engine loop ends (ranks > 0: until rank 0 stops the job); raise if it failed."""

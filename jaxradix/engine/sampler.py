@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxradix.engine.request import MAX_TOP_LOGPROBS
 
@@ -39,6 +41,53 @@ class SamplingMetadata:
     needs_state: jax.Array  # [] bool, any row reads the per-slot state
 
 
+PLAN_FIELDS = ("penalties", "draw", "top_k", "top_p", "min_p", "top_logprobs")
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """The sampler's work in one step, decided on the host: a static argument, one compiled sampler per
+    (plan, rows). Without a plan the sampler skips unneeded work with lax.cond on device flags. XLA's GPU
+    runtime runs a conditional by copying its predicate to the host and blocking until the stream gets
+    there (ConditionalThunk), which stalls the host's dispatch inside every step and so defeats overlap
+    scheduling; with a plan the compiled step has no data-dependent control flow at all."""
+
+    penalties: bool = False  # some row reads the per-slot state (penalties, logit bias)
+    draw: bool = False  # some row samples (temperature > 0)
+    top_k: bool = False  # some sampling row has top_k > 0
+    top_p: bool = False  # ... top_p < 1
+    min_p: bool = False  # ... min_p > 0
+    top_logprobs: bool = False  # some row asks for top logprobs
+
+    @property
+    def filters(self) -> bool:
+        return self.top_k or self.top_p or self.min_p
+
+    @staticmethod
+    def of(md: SamplingMetadata) -> SamplerPlan:
+        """From a step's host (numpy) metadata: the plan that does what the lax.cond sampler would."""
+        on = np.asarray(md.temperature) > 0
+        return SamplerPlan(penalties=bool(np.asarray(md.needs_state)), draw=bool(on.any()),
+                           top_k=bool((on & (np.asarray(md.top_k) > 0)).any()),
+                           top_p=bool((on & (np.asarray(md.top_p) < 1)).any()),
+                           min_p=bool((on & (np.asarray(md.min_p) > 0)).any()),
+                           top_logprobs=bool(np.asarray(md.needs_top_logprobs)))
+
+    def bits(self) -> int:
+        return sum(1 << i for i, f in enumerate(PLAN_FIELDS) if getattr(self, f))
+
+    @staticmethod
+    def from_bits(bits: int) -> SamplerPlan:
+        return SamplerPlan(**{f: bool(bits >> i & 1) for i, f in enumerate(PLAN_FIELDS)})
+
+
+def _branch(static: bool | None, pred: jax.Array, yes: Callable, no: Callable, x: Any) -> Any:
+    """yes(x) if the step needs it: decided by the plan (static) when there is one, else by lax.cond."""
+    if static is None:
+        return jax.lax.cond(pred, yes, no, x)
+    return yes(x) if static else no(x)
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplerState:
@@ -58,10 +107,10 @@ class SamplerState:
 def resolve_input_ids(
     input_ids: jax.Array,  # [T] int32
     from_slot: jax.Array,  # [T] int32, >= 0: take the last token sampled for that slot
-    state: SamplerState,
+    last: jax.Array,  # [R] int32, SamplerState.last
 ) -> jax.Array:  # [T] int32
     """Overlap scheduling: a decode row's input can be the token the previous step left on the device."""
-    return jnp.where(from_slot >= 0, state.last[jnp.maximum(from_slot, 0)], input_ids)
+    return jnp.where(from_slot >= 0, last[jnp.maximum(from_slot, 0)], input_ids)
 
 
 @jax.tree_util.register_dataclass
@@ -148,6 +197,7 @@ def filter_logits(
     top_p: jax.Array,  # [B] f32, 1: off
     min_p: jax.Array,  # [B] f32, 0: off
     ways: int | None = None,
+    plan: SamplerPlan | None = None,
 ) -> jax.Array:  # [B, V] f32, -inf outside the kept set
     """Top-k, top-p and min-p without sorting V, with the cut of filter_logits_sorted:
     top-k keeps values >= the k-th largest (ties included); top-p keeps the smallest set of the
@@ -155,7 +205,7 @@ def filter_logits(
     on the whole distribution; min-p keeps probabilities >= min_p * the largest. The k-th value and
     the top-p cut are found by a search over the float keys (counts and masses above thresholds),
     exact for top-k and exact up to the float rounding of the mass sums for top-p. Rows that ask
-    for none of them are left untouched."""
+    for none of them are left untouched. plan: which cuts any row needs (else decided on device)."""
     B, V = scaled.shape
     ways = ways or search_ways()
     u = _sortable(scaled)  # [B, V]
@@ -177,8 +227,8 @@ def filter_logits(
         # the largest such t is a value whose strictly-greater mass stays below top_p: the last one kept
         return _search(u, holds, ways)
 
-    cut_k = jax.lax.cond(jnp.any(use_k), k_cut, lambda u: zero, u)
-    cut_p = jax.lax.cond(jnp.any(use_p), p_cut, lambda u: zero, u)
+    cut_k = _branch(None if plan is None else plan.top_k, jnp.any(use_k), k_cut, lambda u: zero, u)
+    cut_p = _branch(None if plan is None else plan.top_p, jnp.any(use_p), p_cut, lambda u: zero, u)
     cut = jnp.maximum(jnp.where(use_k, cut_k, 0), jnp.where(use_p, cut_p, 0))  # [B] key, 0: keep all
     cut_value = jnp.where(cut > 0, _unsortable(cut), -jnp.inf)[:, None]  # [B, 1]
     min_p_cut = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p[:, None])  # prob >= min_p * max prob
@@ -206,8 +256,15 @@ def sample(
     logits: jax.Array,  # [B, V] f32
     md: SamplingMetadata,
     state: SamplerState,
+    plan: SamplerPlan | None = None,
 ) -> tuple[SampleOutput, SamplerState]:
+    """One token per row. plan (static): what this step needs, from SamplerPlan.of(md) on the host; None
+    decides each optional part on device with lax.cond (same outputs; no host sync on CPU and TPU)."""
     B, V = logits.shape
+
+    def flag(name: str) -> bool | None:
+        return None if plan is None else getattr(plan, name)
+
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
 
     def penalize(x: jax.Array) -> jax.Array:  # reads [B, V] of state: only when a row asks for it
@@ -220,7 +277,7 @@ def sample(
         return x - jnp.where(use, md.frequency_penalty[:, None] * counts
                              + md.presence_penalty[:, None] * (counts > 0), 0.0)
 
-    x = jax.lax.cond(md.needs_state, penalize, lambda x: x, logits)
+    x = _branch(flag("penalties"), md.needs_state, penalize, lambda x: x, logits)
     x = jnp.where(unpack_mask(md.grammar_mask, V), x, -jnp.inf)
 
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B]
@@ -230,21 +287,22 @@ def sample(
     def filtered(scaled: jax.Array) -> jax.Array:
         on = md.temperature > 0  # greedy rows take the argmax of x
         return filter_logits(scaled, jnp.where(on, md.top_k, 0), jnp.where(on, md.top_p, 1.0),
-                             jnp.where(on, md.min_p, 0.0))
+                             jnp.where(on, md.min_p, 0.0), plan=plan)
 
-    scaled = jax.lax.cond(md.needs_filter, filtered, lambda s: s, scaled)
+    scaled = _branch(None if plan is None else plan.filters, md.needs_filter, filtered, lambda s: s, scaled)
+
     def draw(scaled: jax.Array) -> jax.Array:  # gumbel-max: one categorical draw per row
         keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(md.seed, md.step)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # [B, V]
         return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
-    sampled = jax.lax.cond(jnp.any(md.temperature > 0), draw, lambda s: greedy, scaled)
+    sampled = _branch(flag("draw"), jnp.any(md.temperature > 0), draw, lambda s: greedy, scaled)
     tokens = jnp.where(md.temperature > 0, sampled, greedy)  # [B]
 
     logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     K = MAX_TOP_LOGPROBS
-    top_lp, top_ids = jax.lax.cond(
-        md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
+    top_lp, top_ids = _branch(
+        flag("top_logprobs"), md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
         lambda lp: (jnp.zeros((B, K), lp.dtype), jnp.zeros((B, K), jnp.int32)), raw_logprobs)
 
     R = state.last.shape[0]

@@ -20,8 +20,8 @@ from jax.experimental import multihost_utils
 
 logger = logging.getLogger(__name__)
 
-# header: [command, bucket tokens, bucket rows, prompt logprobs]
-HEADER = 4
+# header: [command, bucket tokens, bucket rows, prompt logprobs, sampler plan bits]
+HEADER = 5
 CMD_STEP, CMD_INIT_SLOT, CMD_STOP = 1, 2, 3
 
 
@@ -50,6 +50,7 @@ class Command:
     tokens: int = 0
     rows: int = 0
     prompt_logprobs: bool = False
+    plan: int = 0  # SamplerPlan.bits() of a split-sampler step
 
 
 def _broadcast(tree: Any) -> Any:
@@ -64,7 +65,7 @@ class StepChannel:
 
     def send(self, cmd: Command, payload: Any = None) -> Any:
         """On rank 0, before the device call; returns the payload (as every rank now holds it)."""
-        _broadcast(np.array([cmd.kind, cmd.tokens, cmd.rows, int(cmd.prompt_logprobs)], np.int32))
+        _broadcast(np.array([cmd.kind, cmd.tokens, cmd.rows, int(cmd.prompt_logprobs), cmd.plan], np.int32))
         return None if payload is None else _broadcast(payload)
 
     def warm(self, trees: list[Any]) -> None:
@@ -75,12 +76,12 @@ class StepChannel:
 
     def stop(self) -> None:
         """Rank 0: the followers leave follow()."""
-        _broadcast(np.array([CMD_STOP, 0, 0, 0], np.int32))
+        _broadcast(np.array([CMD_STOP, 0, 0, 0, 0], np.int32))
 
     def receive(self, template: Callable[[Command], Any]) -> tuple[Command, Any]:
         """On ranks > 0: the next command and its payload, shaped like template(cmd)."""
         h = _broadcast(np.zeros(HEADER, np.int32))
-        cmd = Command(int(h[0]), int(h[1]), int(h[2]), bool(h[3]))
+        cmd = Command(int(h[0]), int(h[1]), int(h[2]), bool(h[3]), int(h[4]))
         if cmd.kind == CMD_STOP:
             return cmd, None
         return cmd, _broadcast(jax.tree.map(np.zeros_like, template(cmd)))
