@@ -8,7 +8,9 @@ Each cut is checked against the full sort (rows whose kept set differs are count
 search, W thresholds per pass over [B, V]), `top_k-K` and `approx_max_k-K` (a bounded prefix of K
 candidates, sorted: inexact whenever a row keeps more than K tokens, e.g. top_p = 0.95 on a flat
 distribution). Then `sample()` end to end for greedy, plain temperature, filtered and penalized
-batches.
+batches, fused (optional parts behind lax.cond: a host sync each on a GPU) and split (a SamplerPlan
+decided on the host, no control flow), each timed per call (dispatch, wait) and per call of 10 dispatched
+back to back (what a pipelined engine sees: a sync stalls the dispatching thread there).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxradix.engine.sampler import SamplerState, SamplingMetadata, filter_logits, filter_logits_sorted, sample
+from jaxradix.engine.sampler import (
+    SamplerPlan,
+    SamplerState,
+    SamplingMetadata,
+    filter_logits,
+    filter_logits_sorted,
+    sample,
+)
 
 
 def prefix_filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, K: int,
@@ -40,13 +49,15 @@ def prefix_filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     return jnp.where(scaled >= cut, scaled, -jnp.inf)
 
 
-def timeit(fn: Callable[..., Any], args: tuple, iters: int) -> float:
+def timeit(fn: Callable[..., Any], args: tuple, iters: int, chain: int = 1) -> float:
+    """Median ms per call; chain > 1: per call of `chain` calls dispatched back to back, then one wait."""
     jax.block_until_ready(fn(*args))  # compile + warm
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
+        outs = [fn(*args) for _ in range(chain)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t) / chain)
     return 1e3 * float(np.median(times))
 
 
@@ -94,8 +105,9 @@ def main() -> None:
         print(f"{name:<20} {ms:9.3f} {differ:>26}")
 
     state = SamplerState.zeros(B, V)
-    run = jax.jit(sample)
-    print(f"\n{'sample() batch':<44} {'ms/call':>9}")
+    fused = jax.jit(sample)
+    split = jax.jit(sample, static_argnums=3)
+    print(f"\n{'sample() batch':<50} {'fused ms':>9} {'split ms':>9} {'fused x10':>9} {'split x10':>9}")
     for name, kw in [("greedy", dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, penalty=False)),
                      ("temperature 0.8, no filter", dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0,
                                                          penalty=False)),
@@ -105,7 +117,11 @@ def main() -> None:
                       dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, penalty=False)),
                      ("greedy + penalties", dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, penalty=True))]:
         md = metadata(B, V, rng=rng, **kw)
-        print(f"{name:<44} {timeit(run, (logits, md, state), args.iters):9.3f}")
+        plan = SamplerPlan.of(md)
+        f_args, s_args = (logits, md, state), (logits, md, state, plan)
+        ms = [timeit(fused, f_args, args.iters), timeit(split, s_args, args.iters),
+              timeit(fused, f_args, args.iters, chain=10), timeit(split, s_args, args.iters, chain=10)]
+        print(f"{name:<50} " + " ".join(f"{m:9.3f}" for m in ms), flush=True)
 
 
 if __name__ == "__main__":
