@@ -188,6 +188,12 @@ def test_build_step_matches_a_hand_built_batch():
     free = build_step(rows, Bucket(8, 4), S, max_pages=3, mask_words=2).sampling.grammar_mask
     assert free is free_grammar_mask(4, 2) and not free.flags.writeable  # shared: the runner keeps it on device
     assert inp.sampling.grammar_mask is not free and (free == 0xFFFFFFFF).all()
+    # a one-token prompt chunk (the last token of a chunked prompt) reads the prompt, not the outputs
+    inp = build_step([Row(ext, 5, 1, samples=True), Row(dec, 3, 1, samples=True)], Bucket(2, 2), S, max_pages=3,
+                     mask_words=2)
+    np.testing.assert_array_equal(inp.input_ids, [6, 11])
+    np.testing.assert_array_equal(inp.positions, [5, 3])
+    np.testing.assert_array_equal(inp.slot_mapping, [8 * 4 + 1, 3 * 4 + 3])
 
 
 def test_decode_buckets_start_at_min_rows(monkeypatch):
