@@ -122,12 +122,12 @@ class Scheduler:
         if res.rows:
             self.ratio = max(self.min_ratio, self.ratio - (self.init_ratio - self.min_ratio) / 500)
         # 2. the next chunk of requests still prefilling
+        decoding = {id(r.req) for r in res.rows}
         for req in self.running:
             if budget <= 0:
                 break
             left = req.known_len - req.kv_len
-            if req.slot < 0 or left <= 0 or (left == 1 and (req.output_ids or req.pending)) \
-                    or any(r.req is req for r in res.rows):
+            if req.slot < 0 or left <= 0 or (left == 1 and (req.output_ids or req.pending)) or id(req) in decoding:
                 continue
             n = min(left, budget)
             if not self.kv.grow(req, req.kv_len + n):
