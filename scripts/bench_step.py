@@ -270,13 +270,23 @@ def main() -> None:
             f"roofline {floor * 1e3:.2f} ms (device {dev_s / floor:.2f}x); host {es.host_s * 1e3:.2f} ms/step; "
             f"engine - device {(es.wall_s - dev_s) * 1e3:.2f} ms{gap}; {b / es.wall_s:.0f} tok/s")
 
-    if args.trace:  # a short decode run of the largest batch: the device timeline and the host's gaps in it
+    if args.trace:  # a short decode run of the largest batch: the device timeline and its idle gaps
+        import trace_gaps
+
         b = opt.batches[-1]
         trace_rng = np.random.default_rng(1)
-        with jax.profiler.trace(args.trace):
-            generate_all(engine, [random_ids(trace_rng, engine, opt.decode_context - 16) for _ in range(b)],
-                         [16] * b, None)
-        print(f"# profiler trace of {b} requests x 16 tokens: {args.trace}", flush=True)
+        prompts = [random_ids(trace_rng, engine, opt.decode_context - 16) for _ in range(b)]
+        steps0 = engine.stats["steps"]
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            generate_all(engine, prompts, [16] * b, None)
+        steps = engine.stats["steps"] - steps0
+        print(f"# profiler trace of {b} requests x 16 tokens ({steps} steps): {args.trace}", flush=True)
+        tl = trace_gaps.device_timeline(trace_gaps.load_events(trace_gaps.find_trace(args.trace)))
+        for line in (["no device timeline (CPU)"] if tl is None else trace_gaps.summary(tl, steps=steps)):
+            print(f"# {line}", flush=True)
+        if tl is not None:
+            figures["trace"] = {"idle_per_step_ms": tl.idle_us / max(steps, 1) / 1e3,
+                                "busy_share": tl.busy_us / max(tl.window_us, 1e-9)}
 
     rng = np.random.default_rng(0)
     if opt.sglang_prompts:
