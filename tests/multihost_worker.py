@@ -1,4 +1,5 @@
-"""One rank of the two-process test (tests/test_multihost.py): a TP=8 engine over 2 x 4 CPU devices.
+"""One rank of the two-process test (tests/test_multihost.py): a TP=8 engine over 2 x 4 CPU devices
+(the test runs it with the GPU's split sampler, so the followers replay rank 0's sampler plans).
 
 Rank 0 writes its greedy outputs to DIR/result.json, waits for DIR/go (meanwhile the test kills
 rank 1), generates again and writes what that raised to DIR/error.txt. Rank 1 follows until stopped.
@@ -18,6 +19,7 @@ if __name__ == "__main__":
     engine = Engine(model_dir, tp_size=8, nnodes=2, node_rank=rank, dist_init_addr=f"127.0.0.1:{port}",
                     load_format="dummy", max_running_requests=1, chunked_prefill_size=16, max_total_tokens=1024,
                     context_length=256, precompile=False, log_level="warning")
+    assert engine.runner.split == (os.environ.get("JAXRADIX_SAMPLER") == "split")
     if rank > 0:
         try:
             engine.join()
@@ -27,7 +29,9 @@ if __name__ == "__main__":
         sys.exit(0)
     greedy = SamplingParams(temperature=0, max_new_tokens=8)
     outs = engine.generate(input_ids=prompts, sampling_params=greedy)
-    (out / "result.json").write_text(json.dumps([o["output_ids"] for o in outs]))
+    sampled = engine.generate(input_ids=prompts[0], sampling_params=SamplingParams(
+        temperature=0.8, top_p=0.9, seed=5, max_new_tokens=8))  # another sampler plan than greedy's
+    (out / "result.json").write_text(json.dumps([o["output_ids"] for o in outs] + [sampled["output_ids"]]))
     while not (out / "go").exists():
         time.sleep(0.05)
     try:

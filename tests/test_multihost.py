@@ -13,6 +13,8 @@ from pathlib import Path
 from conftest import get_engine
 from test_tensor_parallel import GREEDY, TINY_DIR, TINY_ENGINE
 
+from jaxradix import SamplingParams
+
 PROMPTS = [list(range(3, 15)), [5] * 9]
 
 
@@ -30,15 +32,19 @@ def test_two_processes_tp8_match_tp1_and_a_killed_rank_stops_the_other(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+                        "JAXRADIX_SAMPLER": "split"}
     worker = str(Path(__file__).with_name("multihost_worker.py"))
     procs = [subprocess.Popen([sys.executable, worker, str(rank), str(port), TINY_DIR, str(tmp_path),
                                json.dumps(PROMPTS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in (0, 1)]
     try:
         _wait_for(tmp_path / "result.json", procs, 300)
-        want = get_engine(model_path=TINY_DIR, **TINY_ENGINE).generate(input_ids=PROMPTS, sampling_params=GREEDY)
-        assert json.loads((tmp_path / "result.json").read_text()) == [o["output_ids"] for o in want]
+        ref = get_engine(model_path=TINY_DIR, **TINY_ENGINE)  # one process, fused sampler
+        want = [o["output_ids"] for o in ref.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+        want.append(ref.generate(input_ids=PROMPTS[0], sampling_params=SamplingParams(
+            temperature=0.8, top_p=0.9, seed=5, max_new_tokens=8))["output_ids"])
+        assert json.loads((tmp_path / "result.json").read_text()) == want
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait(timeout=30)
         (tmp_path / "go").touch()
