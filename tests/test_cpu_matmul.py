@@ -130,3 +130,18 @@ def test_decode_matmuls_take_the_native_gemv_and_prefill_the_int8_dots():
         hlo = jax.jit(dense).lower(x, blocks).compile().as_text()
         assert (cpu_native.TARGET in hlo) == native and ("__ynn_fusion" in hlo) == (not native), tokens
         np.testing.assert_allclose(dense(x, blocks), x @ w.dequantize(), rtol=1e-3, atol=2e-3)
+
+
+def test_stale_native_builds_are_pruned(tmp_path):
+    import os
+    import time
+
+    keep, stale, recent = (tmp_path / f"int8_gemv-{k}.so" for k in ("keep", "stale", "recent"))
+    other = tmp_path / "unrelated.so"
+    for f in (keep, stale, recent, other):
+        f.write_bytes(b"x")
+    old = time.time() - (cpu_native.STALE_DAYS + 1) * 86400
+    for f in (keep, stale, other):
+        os.utime(f, (old, old))
+    cpu_native._prune(keep)
+    assert keep.exists() and recent.exists() and other.exists() and not stale.exists()

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -64,6 +65,22 @@ def _build(path: Path) -> None:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-600:]}")
         os.replace(out, path)
+    _prune(path)
+
+
+STALE_DAYS = 30
+
+
+def _prune(keep: Path) -> None:
+    """Remove other builds (older source, flags, jax or CPU) unused for STALE_DAYS: one is kept per
+    combination, so they pile up across upgrades. A process that still maps a removed one is unaffected."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in keep.parent.glob("int8_gemv-*.so"):
+        try:
+            if old != keep and max(old.stat().st_atime, old.stat().st_mtime) < cutoff:
+                old.unlink()
+        except OSError:
+            pass
 
 
 @functools.cache
