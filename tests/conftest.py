@@ -24,16 +24,22 @@ SMALL = dict(max_running_requests=8, chunked_prefill_size=64, max_total_tokens=4
              context_length=1024, log_level="warning")
 
 _engines: dict = {}
+_release_after_test: set = set()
 
 
-def get_engine(**overrides):
-    """Engines are shared across test modules (one per configuration) and checked for leaks."""
+def get_engine(*, release: str = "module", **overrides):
+    """Engines are shared across test modules (one per configuration) and checked for leaks.
+    release="test": a one-off configuration, shut down right after this test's leak check (each engine
+    of the embedded model holds ~2 GB of weights, pool and compiled steps; a module that kept eight alive
+    took the suite to 22.7 of the CI machine's 24 GB)."""
     from jaxradix import Engine
 
     cfg = SMALL | overrides
     key = tuple(sorted(cfg.items()))
     if key not in _engines:
         _engines[key] = Engine(**cfg)
+    if release == "test":
+        _release_after_test.add(key)
     return _engines[key]
 
 
@@ -64,6 +70,12 @@ def _integrity_after_each_test():
     for e in _engines.values():
         e.wait_idle(timeout=120)
         e.check_integrity()
+    if _release_after_test:
+        for key in _release_after_test:
+            if key in _engines:
+                _engines.pop(key).shutdown()
+        _release_after_test.clear()
+        gc.collect()
 
 
 @contextmanager

@@ -58,7 +58,7 @@ def test_same_greedy_output_alone_batched_cached_and_uncached(engine):
     assert batched == alone
     again = _greedy(engine, PROMPTS)  # now every prompt hits the cache
     assert again == alone
-    no_radix = get_engine(disable_radix_cache=True)
+    no_radix = get_engine(disable_radix_cache=True, release="test")
     assert _greedy(no_radix, PROMPTS) == alone
     unchunked = get_engine(chunked_prefill_size=-1)
     assert _greedy(unchunked, PROMPTS) == alone
@@ -75,7 +75,7 @@ def test_retraction_in_a_tiny_pool_keeps_greedy_output(engine):
     params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
     prompts = [f"Story number {i}: once upon a time" for i in range(8)]
     expected = _greedy(engine, prompts, params)
-    tiny = get_engine(max_total_tokens=256, new_token_ratio=0.05, min_new_token_ratio=0.01)
+    tiny = get_engine(max_total_tokens=256, new_token_ratio=0.05, min_new_token_ratio=0.01, release="test")
     outs = tiny.generate(prompts, params)
     assert [o["output_ids"] for o in outs] == expected
     assert tiny.stats["retractions"] > 0
@@ -225,21 +225,21 @@ def test_bad_input_is_a_value_error_and_engine_keeps_serving(engine, kwargs, fie
 
 
 def test_page_size_one(engine):
-    e1 = get_engine(page_size=1)
+    e1 = get_engine(page_size=1, release="test")
     assert _greedy(e1, PROMPTS[:3]) == _greedy(engine, PROMPTS[:3])
 
 
 def test_policies_same_output(engine):
     expected = _greedy(engine, PROMPTS)
     for policy in ("fcfs", "dfs-weight"):
-        assert _greedy(get_engine(schedule_policy=policy), PROMPTS) == expected
+        assert _greedy(get_engine(schedule_policy=policy, release="test"), PROMPTS) == expected
     assert np.isfinite(engine.cache_stats()["hit_rate"])
 
 
 def test_pallas_interpret_backend_matches_reference(engine):
     """The engine's greedy output with the Pallas TPU kernel (interpret mode on CPU) equals the reference."""
     pallas = get_engine(attention_backend="pallas", max_running_requests=2, chunked_prefill_size=32,
-                        precompile=False)
+                        precompile=False, release="test")
     prompts = ["The capital of France is", "def fibonacci(n):"]
     sp = SamplingParams(temperature=0, max_new_tokens=4)
     assert _greedy(pallas, prompts, sp) == _greedy(engine, prompts, sp)
