@@ -1,4 +1,5 @@
-"""On-device sampling inside the jitted step.
+"""On-device sampling: inside the jitted step (CPU, TPU), or as its own executable compiled per
+SamplerPlan (GPU; see SamplerPlan for why).
 
 Per row: logit bias, repetition/frequency/presence penalties (from the per-slot device state),
 the grammar bitmask, then greedy or temperature sampling with top-k, top-p and min-p. The random
