@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxradix.engine.request import Request
-from jaxradix.engine.sampler import SamplingMetadata
+from jaxradix.engine.sampler import SamplerPlan, SamplingMetadata
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 
 
@@ -172,10 +172,8 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
     if grammar_masks is not None:
         mask = mask.copy()
         mask[:n_rows] = grammar_masks[:n_rows]
-    on = temperature > 0
-    needs_filter = bool((on & ((top_k > 0) | (top_p < 1) | (min_p > 0))).any())
-    needs_state = bool(use_state.any())
-    needs_top = any(r.logprobs.top_logprobs_num > 0 for r in reqs)
+    plan = SamplerPlan.needed(temperature, top_k, top_p, min_p, use_state,
+                              any(r.logprobs.top_logprobs_num > 0 for r in reqs))
 
     ns = np.array([row.n for row in rows], np.int32)
     starts = np.array([row.start for row in rows], np.int32)
@@ -219,7 +217,7 @@ def build_step(rows: list[Row], bucket: Bucket, page_size: int, max_pages: int,
         sampling=SamplingMetadata(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=freq,
             presence_penalty=pres, repetition_penalty=rep, seed=seed, step=step, slot=slot,
-            use_state=use_state, keep=keep, grammar_mask=mask, needs_filter=np.array(needs_filter),
-            needs_top_logprobs=np.array(needs_top), needs_state=np.array(needs_state)),
+            use_state=use_state, keep=keep, grammar_mask=mask, needs_filter=np.array(plan.filters),
+            needs_top_logprobs=np.array(plan.top_logprobs), needs_state=np.array(plan.penalties)),
         lp_targets=lp_targets,
     )

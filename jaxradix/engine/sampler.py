@@ -65,14 +65,20 @@ class SamplerPlan:
         return self.top_k or self.top_p or self.min_p
 
     @staticmethod
+    def needed(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
+               use_state: np.ndarray, top_logprobs: bool) -> SamplerPlan:
+        """What a batch needs, from its host arrays [B] (the one definition: build_step sets the metadata's
+        needs_* flags from it). A greedy row's filters are ignored: it takes the argmax."""
+        on = temperature > 0
+        return SamplerPlan(penalties=bool(use_state.any()), draw=bool(on.any()), top_k=bool((on & (top_k > 0)).any()),
+                           top_p=bool((on & (top_p < 1)).any()), min_p=bool((on & (min_p > 0)).any()),
+                           top_logprobs=bool(top_logprobs))
+
+    @staticmethod
     def of(md: SamplingMetadata) -> SamplerPlan:
         """From a step's host (numpy) metadata: the plan that does what the lax.cond sampler would."""
-        on = np.asarray(md.temperature) > 0
-        return SamplerPlan(penalties=bool(np.asarray(md.needs_state)), draw=bool(on.any()),
-                           top_k=bool((on & (np.asarray(md.top_k) > 0)).any()),
-                           top_p=bool((on & (np.asarray(md.top_p) < 1)).any()),
-                           min_p=bool((on & (np.asarray(md.min_p) > 0)).any()),
-                           top_logprobs=bool(np.asarray(md.needs_top_logprobs)))
+        return SamplerPlan.needed(*(np.asarray(a) for a in (md.temperature, md.top_k, md.top_p, md.min_p,
+                                                             md.use_state)), bool(np.asarray(md.needs_top_logprobs)))
 
     def bits(self) -> int:
         return sum(1 << i for i, f in enumerate(PLAN_FIELDS) if getattr(self, f))
@@ -82,11 +88,12 @@ class SamplerPlan:
         return SamplerPlan(**{f: bool(bits >> i & 1) for i, f in enumerate(PLAN_FIELDS)})
 
 
-def _branch(static: bool | None, pred: jax.Array, yes: Callable, no: Callable, x: Any) -> Any:
-    """yes(x) if the step needs it: decided by the plan (static) when there is one, else by lax.cond."""
-    if static is None:
+def _branch(plan: SamplerPlan | None, part: str, pred: jax.Array, yes: Callable, no: Callable, x: Any) -> Any:
+    """yes(x) if the step needs `part` (a SamplerPlan field or property): decided by the plan (static) when
+    there is one, else on device by lax.cond on pred."""
+    if plan is None:
         return jax.lax.cond(pred, yes, no, x)
-    return yes(x) if static else no(x)
+    return yes(x) if getattr(plan, part) else no(x)
 
 
 @jax.tree_util.register_dataclass
@@ -228,8 +235,8 @@ def filter_logits(
         # the largest such t is a value whose strictly-greater mass stays below top_p: the last one kept
         return _search(u, holds, ways)
 
-    cut_k = _branch(None if plan is None else plan.top_k, jnp.any(use_k), k_cut, lambda u: zero, u)
-    cut_p = _branch(None if plan is None else plan.top_p, jnp.any(use_p), p_cut, lambda u: zero, u)
+    cut_k = _branch(plan, "top_k", jnp.any(use_k), k_cut, lambda u: zero, u)
+    cut_p = _branch(plan, "top_p", jnp.any(use_p), p_cut, lambda u: zero, u)
     cut = jnp.maximum(jnp.where(use_k, cut_k, 0), jnp.where(use_p, cut_p, 0))  # [B] key, 0: keep all
     cut_value = jnp.where(cut > 0, _unsortable(cut), -jnp.inf)[:, None]  # [B, 1]
     min_p_cut = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p[:, None])  # prob >= min_p * max prob
@@ -263,9 +270,6 @@ def sample(
     decides each optional part on device with lax.cond (same outputs; no host sync on CPU and TPU)."""
     B, V = logits.shape
 
-    def flag(name: str) -> bool | None:
-        return None if plan is None else getattr(plan, name)
-
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
 
     def penalize(x: jax.Array) -> jax.Array:  # reads [B, V] of state: only when a row asks for it
@@ -278,7 +282,7 @@ def sample(
         return x - jnp.where(use, md.frequency_penalty[:, None] * counts
                              + md.presence_penalty[:, None] * (counts > 0), 0.0)
 
-    x = _branch(flag("penalties"), md.needs_state, penalize, lambda x: x, logits)
+    x = _branch(plan, "penalties", md.needs_state, penalize, lambda x: x, logits)
     x = jnp.where(unpack_mask(md.grammar_mask, V), x, -jnp.inf)
 
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B]
@@ -290,20 +294,20 @@ def sample(
         return filter_logits(scaled, jnp.where(on, md.top_k, 0), jnp.where(on, md.top_p, 1.0),
                              jnp.where(on, md.min_p, 0.0), plan=plan)
 
-    scaled = _branch(None if plan is None else plan.filters, md.needs_filter, filtered, lambda s: s, scaled)
+    scaled = _branch(plan, "filters", md.needs_filter, filtered, lambda s: s, scaled)
 
     def draw(scaled: jax.Array) -> jax.Array:  # gumbel-max: one categorical draw per row
         keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(md.seed, md.step)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # [B, V]
         return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
-    sampled = _branch(flag("draw"), jnp.any(md.temperature > 0), draw, lambda s: greedy, scaled)
+    sampled = _branch(plan, "draw", jnp.any(md.temperature > 0), draw, lambda s: greedy, scaled)
     tokens = jnp.where(md.temperature > 0, sampled, greedy)  # [B]
 
     logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     K = MAX_TOP_LOGPROBS
     top_lp, top_ids = _branch(
-        flag("top_logprobs"), md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
+        plan, "top_logprobs", md.needs_top_logprobs, lambda lp: tuple(jax.lax.top_k(lp, K)),
         lambda lp: (jnp.zeros((B, K), lp.dtype), jnp.zeros((B, K), jnp.int32)), raw_logprobs)
 
     R = state.last.shape[0]

@@ -52,6 +52,13 @@ class Command:
     prompt_logprobs: bool = False
     plan: int = 0  # SamplerPlan.bits() of a split-sampler step
 
+    def header(self) -> np.ndarray:  # [HEADER] int32, what rank 0 broadcasts first
+        return np.array([self.kind, self.tokens, self.rows, int(self.prompt_logprobs), self.plan], np.int32)
+
+    @staticmethod
+    def from_header(h: np.ndarray) -> Command:
+        return Command(int(h[0]), int(h[1]), int(h[2]), bool(h[3]), int(h[4]))
+
 
 def _broadcast(tree: Any) -> Any:
     try:
@@ -65,7 +72,7 @@ class StepChannel:
 
     def send(self, cmd: Command, payload: Any = None) -> Any:
         """On rank 0, before the device call; returns the payload (as every rank now holds it)."""
-        _broadcast(np.array([cmd.kind, cmd.tokens, cmd.rows, int(cmd.prompt_logprobs), cmd.plan], np.int32))
+        _broadcast(cmd.header())
         return None if payload is None else _broadcast(payload)
 
     def warm(self, trees: list[Any]) -> None:
@@ -76,12 +83,12 @@ class StepChannel:
 
     def stop(self) -> None:
         """Rank 0: the followers leave follow()."""
-        _broadcast(np.array([CMD_STOP, 0, 0, 0, 0], np.int32))
+        _broadcast(Command(CMD_STOP).header())
 
     def receive(self, template: Callable[[Command], Any]) -> tuple[Command, Any]:
         """On ranks > 0: the next command and its payload, shaped like template(cmd)."""
         h = _broadcast(np.zeros(HEADER, np.int32))
-        cmd = Command(int(h[0]), int(h[1]), int(h[2]), bool(h[3]), int(h[4]))
+        cmd = Command.from_header(h)
         if cmd.kind == CMD_STOP:
             return cmd, None
         return cmd, _broadcast(jax.tree.map(np.zeros_like, template(cmd)))
