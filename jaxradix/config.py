@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEDULE_POLICIES = ("lpm", "fcfs", "dfs-weight")
-ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")  # = pallas_kernels.ATTENTION_BACKENDS
+ATTENTION_BACKENDS = ("auto", "pallas", "triton", "gathered", "reference")  # = pallas_kernels.ATTENTION_BACKENDS
 GRAMMAR_BACKENDS = ("llguidance", "none")
 # the quantized ones store values + per-token-head scales (pallas_kernels/quantized_kv.py)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2", "int8")

@@ -245,6 +245,17 @@ def test_pallas_interpret_backend_matches_reference(engine):
     assert _greedy(pallas, prompts, sp) == _greedy(engine, prompts, sp)
 
 
+def test_triton_interpret_backend_matches_reference(engine):
+    """The same with the Triton kernel of sm_80 GPUs (interpret mode on CPU): SmolLM2's 3 query heads per
+    kv head padded to 16 dot rows, f32 pool, page 16, decode and chunked-prefill steps."""
+    triton = get_engine(attention_backend="triton", max_running_requests=2, chunked_prefill_size=32,
+                        precompile=False, release="test")
+    assert not triton.runner.reads_shared_prefix
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    sp = SamplingParams(temperature=0, max_new_tokens=4)
+    assert _greedy(triton, prompts, sp) == _greedy(engine, prompts, sp)
+
+
 def test_shared_system_prompt_is_read_once_and_changes_nothing(engine, monkeypatch):
     """Requests after a cached multi-page system prompt: their steps mark it as a shared prefix (the
     gathered path's cascade reads it once per step) and the greedy tokens are those of the same run with

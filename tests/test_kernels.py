@@ -195,20 +195,24 @@ def test_dispatch():
     check("decode", jnp.bfloat16, get_attention("pallas"))  # the TPU kernel, interpreted
     check("decode", jnp.bfloat16, get_attention("pallas", interpret="gpu"))
     with pytest.raises(ValueError, match="attention_backend"):
-        get_attention("triton")
+        get_attention("cudnn")
     with pytest.raises(ValueError, match="interpret"):
         get_attention("pallas", interpret="cuda")
 
 
-def test_gpu_dispatch_falls_back_off_hopper(caplog):
-    """`auto` on a GPU the kernel cannot serve (no sm_90, f32 pool, ...) takes the gathered path;
-    on this CPU it finds no compute capability, so its extend tiles skip cuDNN."""
+def test_gpu_dispatch_falls_back_off_hopper(caplog, monkeypatch):
+    """`auto` on a GPU the kernel cannot serve (no sm_90, f32 pool, ...) takes its fallback, here the
+    gathered path; on this CPU it finds no compute capability, so its extend tiles skip cuDNN. (The
+    Triton kernel between them on sm_80 GPUs: test_kernels_triton.py.)"""
+    import jaxradix.pallas_kernels as kernels
     from jaxradix.pallas_kernels import _cudnn_prefill_reason, _gathered, _gpu_kernel
+
+    monkeypatch.setattr(kernels, "_warned", set())
 
     attention = _gpu_kernel(False, fallback=_gathered("gpu"))  # CPU: not a Hopper GPU
     with caplog.at_level("WARNING"):
         check("mixed", jnp.float32, attention)
-    assert "sm_90" in caplog.text or "bf16" in caplog.text
+    assert ("sm_90" in caplog.text or "bf16" in caplog.text) and "gathered" in caplog.text
     q, poisoned, _, _ = make_batch(CASES["mixed"], jnp.bfloat16)
     assert "compute capability" in _cudnn_prefill_reason(q, poisoned, None, None)
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import get_engine
 from test_kernels import CASES, make_batch
 
+import jaxradix.pallas_kernels as pallas_kernels
 from jaxradix import SamplingParams
 from jaxradix.cache import page_pool
 from jaxradix.cache.page_pool import PagePool, kv_bytes_per_token, kv_dtype, pool_tokens
@@ -100,7 +101,7 @@ def test_attention_paths_agree_on_quantized_pages():
     assert errors["int8"] < errors["fp8_e4m3"] < errors["fp8_e5m2"]  # 7 bits, 3 mantissa bits, 2
 
 
-def test_gpu_without_the_kernel_routes_quantized_pages_to_the_gathered_path(caplog):
+def test_gpu_without_the_kernel_routes_quantized_pages_to_the_gathered_path(caplog, monkeypatch):
     """GPU `auto` where the Mosaic kernel cannot run (here: no sm_90): the gathered path, with a log line.
     (The Mosaic kernels themselves read quantized pages: tests/test_kernels_quantized.py.)"""
     case = CASES["decode"]
@@ -109,6 +110,7 @@ def test_gpu_without_the_kernel_routes_quantized_pages_to_the_gathered_path(capl
     params = dict(sm_scale=case.D**-0.5)
     want = np.asarray(ragged_paged_attention_gathered(q, kv, md, **params), np.float32)
 
+    monkeypatch.setattr(pallas_kernels, "_warned", set())
     with caplog.at_level(logging.WARNING):
         got = _gpu_kernel(False, fallback=_gathered("gpu"))(q, kv, md, **params)  # the GPU route
         np.testing.assert_array_equal(np.asarray(got, np.float32), want)

@@ -6,11 +6,13 @@ layer's pool array ``[P, S, 2*KH, D]`` (the pool is a tuple of them, one per lay
 quantized ``QuantizedKV`` (int8/fp8 values + bf16 scales) that every implementation also takes.
 
 - ``get_attention("auto")``: the Mosaic GPU kernel on Hopper GPUs, the Mosaic TPU kernel on
-  TPUs, the per-sequence gather path (``gathered.py``) on CPU and on other GPUs (A100, L4, T4),
-  and wherever the Mosaic GPU kernel cannot take the operands (with a log line). Both Mosaic kernels
-  read quantized pages and dequantize them in the kernel.
+  TPUs, the Triton kernel (``triton/``) on other NVIDIA GPUs of compute capability >= 8.0 (A100,
+  A10, L4, L40), the per-sequence gather path (``gathered.py``) on CPU, on older GPUs (T4) and
+  wherever the chosen kernel cannot take the operands (with a log line; e.g. a quantized pool on the
+  Triton path). Both Mosaic kernels read quantized pages and dequantize them in the kernel.
 - ``get_attention("pallas")``: a Pallas kernel; on CPU it runs in interpret mode, the TPU kernel
   unless ``interpret="gpu"``.
+- ``get_attention("triton")``: the Triton kernel (interpret mode on CPU).
 - ``get_attention("gathered")``: the per-sequence gather path everywhere. On a GPU of compute
   capability >= 8.0 its extend tiles go through cuDNN (``jax.nn.dot_product_attention``) when the
   operands allow it (bf16/f16 pool, head dim <= 128, no sliding window or soft cap).
@@ -35,11 +37,19 @@ from jaxradix.pallas_kernels import reference
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked, write_kv
 
-ATTENTION_BACKENDS = ("auto", "pallas", "gathered", "reference")
-INTERPRET_MODES = ("tpu", "gpu")
+ATTENTION_BACKENDS = ("auto", "pallas", "triton", "gathered", "reference")
+INTERPRET_MODES = ("tpu", "gpu", "triton")
 
 AttentionFn = Callable[..., jax.Array]
 _log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A fallback is decided while tracing, once per layer and bucket: say it once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning(message)
 
 
 def _tpu_kernel(interpret: bool) -> AttentionFn:
@@ -70,20 +80,48 @@ def _gpu_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn
             return gpu.ragged_paged_attention(q, kv, md, interpret=params, variant=variant, **kwargs)
         if fallback is None:
             raise NotImplementedError(f"Mosaic GPU attention kernel: {why}")
-        _log.warning("Mosaic GPU attention kernel: %s; using the gathered attention", why)
+        _warn_once(f"Mosaic GPU attention kernel: {why}; using {getattr(fallback, 'label', 'a fallback')}")
         return fallback(q, kv, md, **kwargs)
 
     return attention
 
 
+def _triton_kernel(interpret: bool, *, fallback: AttentionFn | None) -> AttentionFn:
+    """The Triton kernel (sm_80+); operands it does not take go to `fallback` (or raise)."""
+    from jaxradix.pallas_kernels.triton import ragged_paged_attention as triton
+
+    def attention(q, kv, md, **kwargs) -> jax.Array:
+        why = triton.unsupported_reason(q, kv)
+        cc = _compute_capability()
+        if why is None and not interpret and (cc is None or cc < 8.0):
+            why = f"needs compute capability >= 8.0, got {cc}"
+        if why is None:
+            return triton.ragged_paged_attention(q, kv, md, interpret=interpret, **kwargs)
+        if fallback is None:
+            raise NotImplementedError(f"Triton attention kernel: {why}")
+        _warn_once(f"Triton attention kernel: {why}; using {getattr(fallback, 'label', 'a fallback')}")
+        return fallback(q, kv, md, **kwargs)
+
+    attention.label = "the Triton attention kernel"
+    return attention
+
+
+def _compute_capability() -> float | None:
+    """An NVIDIA GPU's compute capability (None on CPU, TPU and ROCm, whose is "gfx...")."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", None))
+    except (TypeError, ValueError):
+        return None
+
+
 def _is_hopper() -> bool:
-    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+    return _compute_capability() == 9.0
 
 
 def _cudnn_prefill_reason(q: jax.Array, kv: jax.Array, sliding_window, soft_cap) -> str | None:
     """Why cuDNN flash attention cannot take the extend tiles (None when it can)."""
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    if cc is None or float(cc) < 8.0:
+    cc = _compute_capability()
+    if cc is None or cc < 8.0:
         return f"cuDNN flash attention needs compute capability >= 8.0, got {cc}"
     if kv.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs a bf16/f16 kv pool, got {kv.dtype}"
@@ -119,6 +157,7 @@ def _gathered(platform: str) -> AttentionFn:
         return ragged_paged_attention_gathered(q, kv, md, **params)
 
     attention.reads_shared_prefix = True  # the engine marks a shared prefix for its cascade (gathered.py)
+    attention.label = "the gathered attention"
     return attention
 
 
@@ -134,11 +173,17 @@ def get_attention(backend: str = "auto", interpret: str | None = None) -> Attent
     if backend == "gathered":
         return _gathered(platform)
     if interpret is not None:
+        if interpret == "triton":
+            return _triton_kernel(True, fallback=None)
         return _tpu_kernel(True) if interpret == "tpu" else _gpu_kernel(True, fallback=None)
+    if backend == "triton":
+        return _triton_kernel(platform == "cpu", fallback=None)
     if platform == "tpu":
         return _tpu_kernel(False)
     if platform in ("gpu", "cuda"):
-        return _gpu_kernel(False, fallback=_gathered(platform) if backend == "auto" else None)
+        if backend == "pallas":
+            return _gpu_kernel(False, fallback=None)
+        return _gpu_kernel(False, fallback=_triton_kernel(False, fallback=_gathered(platform)))
     if backend == "pallas":  # CPU (or a platform without a kernel): interpret the TPU kernel
         return _tpu_kernel(True)
     return _gathered(platform)

@@ -1,0 +1,190 @@
+"""The Triton attention kernel (NVIDIA GPUs of compute capability >= 8.0 without the Mosaic kernel): in
+interpret mode against the jnp reference (unowned pages NaN, see test_kernels.py), lowered for an A100 on
+CPU, and chosen by `auto` there. Its reason to exist: the GPU step it builds has no XLA control flow,
+where the gathered path's loops make the host wait for the device every kv block of every layer."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from model_utils import random_model
+from test_kernels import CASES, check, make_batch
+
+import jaxradix.pallas_kernels as kernels
+from jaxradix.cache.page_pool import PagePool
+from jaxradix.engine.batch import Bucket, Buckets
+from jaxradix.engine.model_runner import ModelRunner
+from jaxradix.models.model_config import ModelConfig
+from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
+from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import QuantizedKV, quantize
+from jaxradix.pallas_kernels.triton import ragged_paged_attention as triton
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated:DeprecationWarning")
+
+CONTROL_FLOW = re.compile(r"stablehlo\.(while|case|if)\b")
+A100 = jax.sharding.AbstractMesh(
+    (1,),
+    ("x",),
+    abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA A100-SXM4-80GB", num_cores=108, platform="gpu"),
+)
+
+# Small kv blocks so the cases cross several of them; `splits` forces FlashDecoding splits (3 leaves some
+# empty at short contexts).
+interpreted = jax.jit(
+    functools.partial(triton.ragged_paged_attention, interpret=True, decode_block_tokens=32, extend_block_tokens=32),
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "splits", "extend_rows"),
+)
+
+
+@pytest.mark.parametrize("case_name", sorted(CASES))
+def test_triton_kernel_f32(case_name):
+    check(case_name, jnp.float32, interpreted)
+
+
+@pytest.mark.parametrize(
+    "case_name, splits, extend_rows",
+    [
+        ("decode", 3, 64),
+        ("mixed", 2, 16),
+        ("gqa8", 4, 64),
+        ("page64", 1, 32),
+        ("page1", 3, 64),
+        ("window_cap", 2, 16),
+        ("cascade", 3, 64),
+    ],
+)
+def test_triton_kernel_bf16(case_name, splits, extend_rows):
+    check(case_name, jnp.bfloat16, interpreted, splits=splits, extend_rows=extend_rows)
+
+
+def test_decode_splits_fill_the_gpu():
+    assert triton.decode_splits(rows=1, kv_heads=8, max_blocks=64, cores=108) == 16  # capped
+    assert triton.decode_splits(rows=8, kv_heads=8, max_blocks=64, cores=108) == 4
+    assert triton.decode_splits(rows=64, kv_heads=8, max_blocks=64, cores=108) == 1
+    assert triton.decode_splits(rows=1, kv_heads=8, max_blocks=2, cores=108) == 2  # no split without a block
+
+
+def test_triton_kernel_rejects_what_it_cannot_take():
+    q, poisoned, clean, md = make_batch(CASES["decode"], jnp.bfloat16)
+    kv = QuantizedKV(*quantize(clean, jnp.int8))
+    with pytest.raises(NotImplementedError, match="quantized"):
+        triton.ragged_paged_attention(q, kv, md, sm_scale=1.0, interpret=True)
+    with pytest.raises(NotImplementedError, match="head dim 48"):
+        triton.ragged_paged_attention(q[..., :48], poisoned[..., :48], md, sm_scale=1.0, interpret=True)
+
+
+def _lower_for_a100(fn, *args) -> str:
+    with jax.sharding.use_abstract_mesh(A100):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "T, S, G, D, dtype, window, cap",
+    [
+        (48, 16, 4, 128, jnp.bfloat16, None, None),  # Llama-3-8B shapes, a mixed bucket
+        (8, 16, 4, 128, jnp.bfloat16, 100, 30.0),  # a decode bucket with a window and a soft cap
+        (64, 16, 3, 64, jnp.float32, None, None),  # SmolLM2's shapes
+        (64, 1, 2, 64, jnp.float16, None, None),  # page size 1
+        (64, 64, 8, 128, jnp.bfloat16, None, None),
+    ],
+)
+def test_triton_kernel_lowers_for_an_a100_without_control_flow(T, S, G, D, dtype, window, cap):
+    """The kernel lowers to Triton IR for sm_80 on CPU (pow2 tiles, dot sizes, supported primitives), and
+    the XLA program around it has no while loop or conditional: its loops run inside the kernel."""
+    SDS, i32, B, MP, KH = jax.ShapeDtypeStruct, jnp.int32, 8, 16, 2
+    q, pool = SDS((T, KH * G, D), dtype), SDS((B * MP + 1, S, 2 * KH, D), dtype)
+    md = AttentionMetadata(SDS((B + 1,), i32), SDS((B,), i32), SDS((B, MP), i32), SDS((1,), i32))
+    text = _lower_for_a100(
+        functools.partial(triton.ragged_paged_attention, sm_scale=0.1, sliding_window=window, soft_cap=cap), q, pool, md
+    )
+    assert text.count("xla.gpu.triton") == 2  # the decode and the extend launch
+    assert not CONTROL_FLOW.search(text)
+
+
+@pytest.fixture
+def on_an_a100(monkeypatch):
+    """Dispatch as on an sm_80 GPU (the device is still this CPU: only what is traced can be checked)."""
+    monkeypatch.setattr(kernels, "_compute_capability", lambda: 8.0)
+    monkeypatch.setattr(kernels, "_warned", set())
+
+
+def _auto_on_gpu():
+    return kernels._gpu_kernel(False, fallback=kernels._triton_kernel(False, fallback=kernels._gathered("gpu")))
+
+
+def test_auto_on_an_a100_takes_the_triton_kernel(on_an_a100, caplog):
+    q, poisoned, _, md = make_batch(CASES["mixed"], jnp.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        text = _lower_for_a100(functools.partial(_auto_on_gpu(), sm_scale=0.125), q, poisoned, md)
+    assert "xla.gpu.triton" in text and not CONTROL_FLOW.search(text)
+    assert "sm_90" in caplog.text and "Triton" in caplog.text
+
+
+def test_auto_on_an_a100_sends_a_quantized_pool_to_the_gathered_path(on_an_a100, caplog):
+    case = CASES["decode"]
+    q, _, clean, md = make_batch(case, jnp.bfloat16)
+    kv = QuantizedKV(*quantize(clean, jnp.int8))
+    with caplog.at_level(logging.WARNING):
+        got = _auto_on_gpu()(q, kv, md, sm_scale=case.D**-0.5)
+    want = kernels._gathered("gpu")(q, kv, md, sm_scale=case.D**-0.5)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert "quantized" in caplog.text and "gathered" in caplog.text
+
+
+def test_auto_below_sm80_takes_the_gathered_path(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_compute_capability", lambda: 7.5)  # a T4
+    monkeypatch.setattr(kernels, "_warned", set())
+    with caplog.at_level(logging.WARNING):
+        check("mixed", jnp.float32, _auto_on_gpu())
+    assert "compute capability >= 8.0, got 7.5" in caplog.text
+
+
+def test_triton_backend_by_name_runs_interpreted_on_cpu():
+    check("mixed", jnp.float32, kernels.get_attention("triton"))
+    check("decode", jnp.bfloat16, kernels.get_attention("pallas", interpret="triton"))
+
+
+# The whole step of an sm_80 GPU: the model's forward with this kernel, lowered for CUDA.
+CFG = dict(
+    model_type="llama",
+    vocab_size=256,
+    hidden_size=256,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def _runner(attention) -> ModelRunner:
+    model = random_model(ModelConfig.from_hf(CFG), dtype=jnp.bfloat16)
+    pool = PagePool(model.cfg, 256, 16, jnp.bfloat16)
+    return ModelRunner(
+        model, pool, Buckets(8, 32, min_rows=8), 16, 8, 256, attention, sampler="split", sampler_warmup=False
+    )
+
+
+def test_a100_step_has_no_control_flow_where_the_gathered_one_has(on_an_a100, monkeypatch):
+    """The GPU step with the Triton kernel has no XLA control flow (decode and mixed buckets); the same
+    step on the gathered path (the choice on sm_80 GPUs before this kernel) has while loops, each a
+    host wait per iteration on a GPU."""
+    runner = _runner(kernels._triton_kernel(False, fallback=None))
+    monkeypatch.setattr(runner, "_put", lambda tree: tree)  # no eager device_put under the abstract mesh
+    for bucket in (Bucket(8, 8), Bucket(32, 8)):
+        with jax.sharding.use_abstract_mesh(A100):
+            text = runner.lower(bucket, lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
+        assert not CONTROL_FLOW.search(text), (bucket, CONTROL_FLOW.search(text).group())
+    gathered = _runner(ragged_paged_attention_gathered).lower(Bucket(8, 8), lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.while" in gathered
