@@ -12,9 +12,10 @@ a fraction of the device-to-device copy bandwidth measured here (a 1 GiB ``jnp.c
 write). Extend: prefill rows ("NxL": N sequences of L new tokens; "NxL+P": after P cached
 tokens) in causal TFLOP/s, next to ``jax.nn.dot_product_attention`` (cuDNN on a GPU) on the
 same q/k/v laid out contiguously (no prefix). Rows: "pallas-v2" (the Mosaic GPU kernel, or the
-TPU kernel), "pallas-v1" (the GPU kernel as first measured, ``--variants``), "gathered" (the
-per-sequence gather path that A100/L4/T4 and CPU serve with; on a GPU its extend tiles use
-cuDNN), "reference" (the per-token gather, ``--reference``). The GPU kernel's plan (tiles, kv
+TPU kernel), "pallas-v1" (the GPU kernel as first measured, ``--variants``), "triton" (the Triton
+kernel that A100/A10/L4 serve with; timed on any NVIDIA GPU, ``--no-triton`` leaves it out),
+"gathered" (the per-sequence gather path of T4 and CPU; on a GPU its extend tiles use cuDNN),
+"reference" (the per-token gather, ``--reference``). The GPU kernel's plan (tiles, kv
 splits NS, pages per kv block PB, ring slots R, resident CTAs per SM) is printed per shape.
 
 ``--kv-dtype`` (one or more of bfloat16, float32, fp8_e4m3, fp8_e5m2, int8; default: ``--dtype``)
@@ -209,6 +210,7 @@ def main() -> None:
                          "once, the wrapper's glue per call, as in the model step's layer loop)")  # fmt: skip
     ap.add_argument("--variants", nargs="+", default=["v2", "v1"], help="GPU kernel variants to time")
     ap.add_argument("--no-gathered", action="store_true")
+    ap.add_argument("--no-triton", action="store_true", help="GPU: leave out the Triton kernel (sm_80+ path)")
     ap.add_argument("--reference", action="store_true", help="also time the per-token reference (slow)")
     ap.add_argument("--parts", default="decode,extend", help="comma-separated: decode, sweep, extend")
     ap.add_argument("--sweep", action="store_true", help="add the sweep part (GPU: kv splits x ring depth)")
@@ -226,7 +228,8 @@ def main() -> None:
                         head_dim=64, dtype="bfloat16")  # fmt: skip
         timing = dict(warmup=1, iters=1, repeats=1)
         kernels = {"pallas-tpu(interpret)": get_attention("pallas", interpret="tpu"),
-                   "pallas-gpu(interpret)": get_attention("pallas", interpret="gpu")}  # fmt: skip
+                   "pallas-gpu(interpret)": get_attention("pallas", interpret="gpu"),
+                   "triton(interpret)": get_attention("pallas", interpret="triton")}  # fmt: skip
     elif platform == "cpu":
         defaults = dict(batches=[32], contexts=[512, 2048], page_sizes=[16], extend=["1x1024", "4x256", "1x256+768"],
                         kv_heads=3, q_heads=9, head_dim=64, dtype="float32")  # fmt: skip
@@ -240,6 +243,8 @@ def main() -> None:
             from jaxradix.pallas_kernels.gpu.ragged_paged_attention import ragged_paged_attention as gpu_kernel
 
             kernels = {f"pallas-{v}": functools.partial(gpu_kernel, variant=v) for v in args.variants}
+            if not args.no_triton:
+                kernels["triton"] = get_attention("triton")
         else:
             kernels = {"pallas-v2": get_attention("pallas")}
     for key, value in defaults.items():
