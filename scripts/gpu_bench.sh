@@ -53,7 +53,7 @@ part decode "${DECODE_LIMIT:-150}" python3 scripts/bench_decode.py --model-path 
   --load-format dummy --batches 1,8,64 --context 512 --configs "${DECODE_CONFIGS:-none/auto,int8/auto,none/fp8_e4m3}"
 # the kernels on quantized pages, and standalone vs chained calls (issues 14, 11)
 part kvkernels "${KVKERNELS_LIMIT:-90}" python3 scripts/bench_kernels.py --parts decode --batches 32 \
-  --contexts 2048 8192 --page-sizes 64 --variants v2 --no-gathered --kv-dtype bfloat16 fp8_e4m3 int8 --layers 16
+  --contexts 2048 8192 --page-sizes 64 --variants v2 --no-gathered --no-triton --kv-dtype bfloat16 fp8_e4m3 int8 --layers 16
 # the measured activation headroom of the default pool sizing (issue 14)
 part memory "${MEMORY_LIMIT:-100}" python3 scripts/memory_report.py --model-path scripts/configs/llama-3.1-8b \
   --load-format dummy --kv-cache-dtypes auto

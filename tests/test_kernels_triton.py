@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from model_utils import random_model
 from test_kernels import CASES, check, make_batch
+from test_kernels_quantized import check_quantized, quantized_batch
 
 import jaxradix.pallas_kernels as kernels
 from jaxradix.cache.page_pool import PagePool
@@ -23,7 +24,6 @@ from jaxradix.engine.model_runner import ModelRunner
 from jaxradix.models.model_config import ModelConfig
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
-from jaxradix.pallas_kernels.quantized_kv import QuantizedKV, quantize
 from jaxradix.pallas_kernels.triton import ragged_paged_attention as triton
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated:DeprecationWarning")
@@ -71,11 +71,20 @@ def test_decode_splits_fill_the_gpu():
     assert triton.decode_splits(rows=1, kv_heads=8, max_blocks=2, cores=108) == 2  # no split without a block
 
 
+@pytest.mark.parametrize("case_name, kv_dtype, q_dtype, splits", [
+    ("decode", "int8", jnp.bfloat16, 2),
+    ("mixed", "fp8_e4m3", jnp.bfloat16, None),  # decode and extend rows
+    ("page64", "fp8_e5m2", jnp.float32, None),  # window, soft cap
+    ("extend", "int8", jnp.float32, None),
+])
+def test_triton_kernel_on_quantized_pages(case_name, kv_dtype, q_dtype, splits):
+    """Quantized pools (1-byte values, bf16 scales; unowned pages' scales NaN) dequantized in the kernel
+    into the query's dtype, against the reference on the dequantized pool."""
+    check_quantized(case_name, kv_dtype, interpreted, q_dtype=q_dtype, splits=splits)
+
+
 def test_triton_kernel_rejects_what_it_cannot_take():
     q, poisoned, clean, md = make_batch(CASES["decode"], jnp.bfloat16)
-    kv = QuantizedKV(*quantize(clean, jnp.int8))
-    with pytest.raises(NotImplementedError, match="quantized"):
-        triton.ragged_paged_attention(q, kv, md, sm_scale=1.0, interpret=True)
     with pytest.raises(NotImplementedError, match="head dim 48"):
         triton.ragged_paged_attention(q[..., :48], poisoned[..., :48], md, sm_scale=1.0, interpret=True)
 
@@ -127,15 +136,29 @@ def test_auto_on_an_a100_takes_the_triton_kernel(on_an_a100, caplog):
     assert "sm_90" in caplog.text and "Triton" in caplog.text
 
 
-def test_auto_on_an_a100_sends_a_quantized_pool_to_the_gathered_path(on_an_a100, caplog):
-    case = CASES["decode"]
-    q, _, clean, md = make_batch(case, jnp.bfloat16)
-    kv = QuantizedKV(*quantize(clean, jnp.int8))
+def test_auto_on_an_a100_reads_int8_pages_in_the_kernel_and_sends_fp8_to_the_gathered_path(on_an_a100, caplog):
+    """Triton converts fp8 on sm_89+ only: an fp8 pool on an A100 takes the gathered path (with a log
+    line); an int8 one stays in the kernel, and so does fp8 on an sm_89 GPU (an L4)."""
+    q, _, clean, md = quantized_batch("decode", "int8", jnp.bfloat16)
+    text = _lower_for_a100(functools.partial(_auto_on_gpu(), sm_scale=0.125), q, clean, md)
+    assert "xla.gpu.triton" in text and not CONTROL_FLOW.search(text)
+    q, _, clean, md = quantized_batch("decode", "fp8_e4m3", jnp.bfloat16)
     with caplog.at_level(logging.WARNING):
-        got = _auto_on_gpu()(q, kv, md, sm_scale=case.D**-0.5)
-    want = kernels._gathered("gpu")(q, kv, md, sm_scale=case.D**-0.5)
+        got = _auto_on_gpu()(q, clean, md, sm_scale=0.125)
+    want = kernels._gathered("gpu")(q, clean, md, sm_scale=0.125)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    assert "quantized" in caplog.text and "gathered" in caplog.text
+    assert "fp8 pool needs compute capability >= 8.9" in caplog.text and "gathered" in caplog.text
+
+
+def test_fp8_pages_lower_for_an_l4(monkeypatch):
+    monkeypatch.setattr(kernels, "_compute_capability", lambda: 8.9)
+    q, _, clean, md = quantized_batch("mixed", "fp8_e4m3", jnp.bfloat16)
+    l4 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA L4", num_cores=58, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(l4):
+        fn = functools.partial(_auto_on_gpu(), sm_scale=0.125)
+        text = jax.jit(fn).trace(q, clean, md).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2 and not CONTROL_FLOW.search(text)
 
 
 def test_auto_below_sm80_takes_the_gathered_path(monkeypatch, caplog):

@@ -8,8 +8,8 @@ quantized ``QuantizedKV`` (int8/fp8 values + bf16 scales) that every implementat
 - ``get_attention("auto")``: the Mosaic GPU kernel on Hopper GPUs, the Mosaic TPU kernel on
   TPUs, the Triton kernel (``triton/``) on other NVIDIA GPUs of compute capability >= 8.0 (A100,
   A10, L4, L40), the per-sequence gather path (``gathered.py``) on CPU, on older GPUs (T4) and
-  wherever the chosen kernel cannot take the operands (with a log line; e.g. a quantized pool on the
-  Triton path). Both Mosaic kernels read quantized pages and dequantize them in the kernel.
+  wherever the chosen kernel cannot take the operands (with a log line; e.g. an fp8 pool on an
+  A100). All three kernels read quantized pages and dequantize them in the kernel.
 - ``get_attention("pallas")``: a Pallas kernel; on CPU it runs in interpret mode, the TPU kernel
   unless ``interpret="gpu"``.
 - ``get_attention("triton")``: the Triton kernel (interpret mode on CPU).
@@ -95,6 +95,8 @@ def _triton_kernel(interpret: bool, *, fallback: AttentionFn | None) -> Attentio
         cc = _compute_capability()
         if why is None and not interpret and (cc is None or cc < 8.0):
             why = f"needs compute capability >= 8.0, got {cc}"
+        if why is None and not interpret and triton.is_fp8(kv) and cc < 8.9:
+            why = f"an fp8 pool needs compute capability >= 8.9 in Triton, got {cc}"
         if why is None:
             return triton.ragged_paged_attention(q, kv, md, interpret=interpret, **kwargs)
         if fallback is None:

@@ -22,8 +22,12 @@ A kv block is C pages (``C * S`` tokens), loaded as one gather of C page ids fro
 metadata of every program (row, first token, live tokens, kv position of the first token, first kv
 position it may see) is one ``[n, 5]`` int32 array built with jnp before the launch.
 
+A quantized pool (``QuantizedKV``: int8/fp8 values, a bf16 scale per token and head) is read as its
+1-byte pages plus their scales and dequantized in the kernel into the query's dtype, exactly as
+``dequantize_kv`` does, right before the dots (fp8 needs an sm_89+ GPU; the dispatcher checks).
+
 Limits (``unsupported_reason``): head dim, page size and the tile shapes are powers of two with the
-dot's sides >= 16; no quantized pool. ``auto`` sends what this kernel cannot take to the gathered path.
+dot's sides >= 16. ``auto`` sends what this kernel cannot take to the gathered path.
 The Triton backend of Pallas is deprecated upstream (jax 0.11 warns; jaxradix pins 0.11.2).
 """
 
@@ -50,16 +54,20 @@ def _pow2(n: int) -> int:
 
 def unsupported_reason(q: jax.Array, kv) -> str | None:
     """Why this kernel cannot take these operands (None when it can)."""
-    if is_quantized(kv):
-        return "a quantized kv pool"
     D, S = q.shape[-1], kv.shape[1]
     if D != _pow2(D) or D < 16:
         return f"head dim {D} (a power of two >= 16)"
     if S != _pow2(S):
         return f"page size {S} (a power of two)"
-    if kv.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    if kv.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) and not is_quantized(kv):
         return f"kv dtype {kv.dtype}"
+    if is_quantized(kv) and q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return f"query dtype {q.dtype} with a quantized pool"
     return None
+
+
+def is_fp8(kv) -> bool:
+    return is_quantized(kv) and jnp.issubdtype(kv.dtype, jnp.floating)
 
 
 def _kernel(
@@ -68,9 +76,7 @@ def _kernel(
     q_ref,
     k_ref,
     v_ref,
-    o_ref,
-    lse_ref,
-    *,
+    *refs,
     tq: int,
     gp: int,
     pages_per_block: int,
@@ -78,9 +84,11 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     precision,
+    quantized: bool,
 ):
     # meta_ref [n, 5] int32, pt_ref [B, MPp] int32, q_ref [Tq, Gp, D], k_ref / v_ref [P, S, D] (one kv head),
-    # o_ref [tq, Gp, D] f32, lse_ref [tq, Gp] f32
+    # refs: (quantized: ks_ref / vs_ref [P, S] bf16 scales,) o_ref [tq, Gp, D] f32, lse_ref [tq, Gp] f32
+    ks_ref, vs_ref, o_ref, lse_ref = refs if quantized else (None, None, *refs)
     t, split = pl.program_id(0), pl.program_id(2)
     row, tok0, ntok = meta_ref[t, _ROW], meta_ref[t, _TOK0], meta_ref[t, _NTOK]
     pos0, lo = meta_ref[t, _POS0], meta_ref[t, _LO]
@@ -93,16 +101,23 @@ def _kernel(
     b0 = b_lo + lax.div(n_blk * split, splits)  # this split's share of the blocks
     b1 = b_lo + lax.div(n_blk * (split + 1), splits)
 
-    q = q_ref[pl.ds(tok0, tq)].reshape(M, D)  # pre-scaled, in the pool dtype
+    q = q_ref[pl.ds(tok0, tq)].reshape(M, D)  # pre-scaled, in the compute dtype (the pool's, or the query's)
+
+    def read(ref, scale_ref, pages):  # [N, D] in the compute dtype, dequantized as dequantize_kv does
+        x = ref[pages].reshape(N, D)
+        if scale_ref is None:
+            return x
+        scale = scale_ref[pages].reshape(N).astype(jnp.float32)
+        return (x.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
     q_pos = pos0 + lax.div(lax.broadcasted_iota(jnp.int32, (M,), 0), gp)  # [M] kv position of each query row
 
     def body(j, carry):
         m, l, acc = carry  # [M], [M], [M, D] f32
         pages = pt_ref[row, pl.ds(j * C, C)]  # [C]
         kv_pos = j * N + lax.broadcasted_iota(jnp.int32, (N,), 0)  # [N]
-        k = k_ref[pages].reshape(N, D)
+        k = read(k_ref, ks_ref, pages)
         # slots past the context read page 0 (or a stale page): a 0 * NaN there would poison the sum
-        v = jnp.where(((kv_pos >= lo) & (kv_pos < hi))[:, None], v_ref[pages].reshape(N, D), 0)
+        v = jnp.where(((kv_pos >= lo) & (kv_pos < hi))[:, None], read(v_ref, vs_ref, pages), 0)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)  # [M, N]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -133,7 +148,8 @@ def _launch(
     P, S, _, _ = kv.shape
     n = meta.shape[0]
     B, MPp = page_table.shape
-    precision = lax.Precision.HIGHEST if kv.dtype == jnp.float32 else None
+    quantized = is_quantized(kv)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel,
         tq=tq,
@@ -143,7 +159,14 @@ def _launch(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         precision=precision,
+        quantized=quantized,
     )
+    values = kv.data if quantized else kv
+    scale_specs, scales = [], []
+    if quantized:
+        scale_specs = [pl.BlockSpec((P, S, None), lambda t, h, s: (0, 0, h)),
+                       pl.BlockSpec((P, S, None), lambda t, h, s: (0, 0, KH + h))]  # fmt: skip
+        scales = [kv.scale, kv.scale]
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -158,6 +181,7 @@ def _launch(
             pl.BlockSpec((None, Tq, Gp, D), lambda t, h, s: (h, 0, 0, 0)),
             pl.BlockSpec((P, S, None, D), lambda t, h, s: (0, 0, h, 0)),  # K of kv head h
             pl.BlockSpec((P, S, None, D), lambda t, h, s: (0, 0, KH + h, 0)),  # V of kv head h
+            *scale_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, tq, Gp, D), lambda t, h, s: (s, t, h, 0, 0, 0)),
@@ -170,7 +194,7 @@ def _launch(
         compiler_params=compiler_params,
         interpret=interpret,
         name="ragged_paged_attention_triton",
-    )(meta, page_table, q, kv, kv)
+    )(meta, page_table, q, values, values, *scales)
 
 
 def decode_splits(rows: int, kv_heads: int, max_blocks: int, cores: int) -> int:
@@ -223,7 +247,8 @@ def ragged_paged_attention(
     window_lo = (
         (lambda p: jnp.zeros_like(p)) if sliding_window is None else (lambda p: jnp.maximum(p - sliding_window + 1, 0))
     )
-    qs = (q.astype(jnp.float32) * sm_scale).astype(kv.dtype).reshape(T, KH, G, D)
+    compute = q.dtype if is_quantized(kv) else kv.dtype
+    qs = (q.astype(jnp.float32) * sm_scale).astype(compute).reshape(T, KH, G, D)
     rows = jnp.arange(B, dtype=jnp.int32)
     launch = functools.partial(
         _launch,
