@@ -87,6 +87,12 @@ def test_dtype_defaults_per_platform():
     assert resolve_dtype("auto", {"torch_dtype": "float32"}, platform="tpu") == bf16
     assert resolve_dtype("auto", {"torch_dtype": "float16"}, platform="gpu") == jax.numpy.float16
     assert resolve_dtype("float32", {}, platform="gpu") == f32  # an explicit dtype is obeyed
+    # a T4 (sm_75) has no bf16 tensor cores: auto serves f16 there, as vLLM does; explicit bf16 is obeyed
+    f16 = jax.numpy.float16
+    assert resolve_dtype("auto", {}, "float32", platform="gpu", compute_capability=7.5) == f16
+    assert resolve_dtype("auto", {"torch_dtype": "bfloat16"}, platform="gpu", compute_capability=7.5) == f16
+    assert resolve_dtype("auto", {"torch_dtype": "bfloat16"}, platform="gpu", compute_capability=8.0) == bf16
+    assert resolve_dtype("bfloat16", {}, platform="gpu", compute_capability=7.5) == bf16
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp8")
 

@@ -82,17 +82,35 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32",
-                  platform: str | None = None) -> Any:
+                  platform: str | None = None, compute_capability: float | None = None) -> Any:
     """The weight dtype. "auto": the checkpoint's own dtype (`default` when it names none, e.g. GGUF),
     except that an f32 checkpoint serves in bf16 on an accelerator (half the bytes per step, and the
-    Mosaic GPU attention kernel needs a 16-bit KV pool); an explicit dtype is always taken as is."""
+    Mosaic GPU attention kernel needs a 16-bit KV pool), and bf16 becomes f16 on an NVIDIA GPU older
+    than sm_80 (a T4: no bf16 tensor cores, so XLA would run its matmuls in f32; vLLM does the same);
+    an explicit dtype is always taken as is. compute_capability: the GPU's (default: the device's)."""
     if dtype == "auto":
         dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or default
-        if dtype == "float32" and (platform or jax.default_backend()) in ACCELERATOR_PLATFORMS:
+        platform = platform or jax.default_backend()
+        if dtype == "float32" and platform in ACCELERATOR_PLATFORMS:
             dtype = "bfloat16"
+        cc = compute_capability if compute_capability is not None else _compute_capability(platform)
+        if dtype == "bfloat16" and cc is not None and cc < 8.0:
+            logger.warning("bf16 needs compute capability >= 8.0 (this GPU: %s); serving in float16 "
+                           "(--dtype bfloat16 keeps bf16)", cc)
+            dtype = "float16"
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def _compute_capability(platform: str) -> float | None:
+    """The NVIDIA GPU's compute capability (None on other platforms)."""
+    if platform not in ("gpu", "cuda"):
+        return None
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", None))
+    except (TypeError, ValueError):  # none, or ROCm's "gfx..."
+        return None
 
 
 def detect_format(path: Path) -> str:
