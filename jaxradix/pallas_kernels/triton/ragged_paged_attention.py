@@ -216,14 +216,17 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     decode_block_tokens: int = 64,
-    extend_rows: int = 64,
+    extend_rows: int | None = None,
     extend_block_tokens: int = 64,
     splits: int | None = None,
     interpret: bool = False,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> jax.Array:  # [T, NH, D], rows of padding tokens are 0
-    """See the module docstring. `extend_rows`: query rows (tokens x padded heads) per extend tile."""
+    """See the module docstring. `extend_rows`: query rows (tokens x padded heads) per extend tile;
+    `num_stages`: Triton's software pipeline depth. Both default by the compute dtype's size so that
+    the staged K/V blocks and the query tile fit the ~100 KB of shared memory of an A10/L4 (sm_86/89):
+    64 rows and 2 stages for 16-bit (64 KB of K/V at D 128), 32 rows and 1 stage for f32."""
     why = unsupported_reason(q, kv)
     if why is not None:
         raise NotImplementedError(f"Triton attention kernel: {why}")
@@ -237,6 +240,9 @@ def ragged_paged_attention(
     B, MP = md.page_table.shape
     Gp = max(16, _pow2(G))  # decode: the G heads of a kv head are the dot's rows
     CD = max(1, _pow2(decode_block_tokens) // S)
+    wide = jnp.dtype(q.dtype if is_quantized(kv) else kv.dtype).itemsize == 4
+    extend_rows = extend_rows or (32 if wide else 64)
+    num_stages = num_stages or (1 if wide else 2)
     TQ = max(1, _pow2(extend_rows) // _pow2(G))  # extend: TQ tokens x G' heads
     Ge = max(_pow2(G), 16 // TQ if TQ < 16 else 1)
     CE = max(1, _pow2(extend_block_tokens) // S)
