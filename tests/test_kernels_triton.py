@@ -6,8 +6,12 @@ where the gathered path's loops make the host wait for the device every kv block
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import logging
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ from jaxradix.engine.model_runner import ModelRunner
 from jaxradix.models.model_config import ModelConfig
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
+from jaxradix.pallas_kernels.quantized_kv import QuantizedKV
 from jaxradix.pallas_kernels.triton import ragged_paged_attention as triton
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated:DeprecationWarning")
@@ -211,3 +216,73 @@ def test_a100_step_has_no_control_flow_where_the_gathered_one_has(on_an_a100, mo
         assert not CONTROL_FLOW.search(text), (bucket, CONTROL_FLOW.search(text).group())
     gathered = _runner(ragged_paged_attention_gathered).lower(Bucket(8, 8), lowering_platforms=("cuda",)).as_text()
     assert "stablehlo.while" in gathered
+
+
+# -- compiled by Triton itself for sm_80 / sm_89, without a GPU ----------------------------------------
+# The Triton IR the kernel lowers to, handed to upstream Triton (the test extra's wheel) in a subprocess
+# (two LLVMs in one process clash): it must compile to a cubin with ptxas for the target, fit the ~99 KB of
+# shared memory of an A10/L4 (sm_86/89; an A100 has 163 KB) and spill no registers. Upstream Triton is
+# not the one inside XLA, so this catches what the IR asks of any Triton, not a version's quirks.
+_COMPILE = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+out = []
+for path, cc, warps, stages in json.loads(sys.argv[1]):
+    k = triton.compile(path, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=warps, num_stages=stages))
+    ptx = path + ".ptx"
+    open(ptx, "w").write(k.asm["ptx"])
+    log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{cc}", ptx, "-o", os.devnull], capture_output=True,
+                         text=True, check=True).stderr
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    out.append(dict(smem=k.metadata.shared, spill=int(spill.group(1)) if spill else -1))
+print(json.dumps(out))
+"""
+SMEM_SM86 = 99 * 1024
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs upstream triton (the test extra)")
+@pytest.mark.parametrize("T, B, MP, S, KH, G, D, dtype, kv_dtype, device, cc", [
+    (256, 64, 32, 16, 8, 4, 128, jnp.bfloat16, None, "NVIDIA A100-SXM4-80GB", 80),  # Llama-3-8B, page 16
+    (256, 64, 16, 64, 4, 8, 128, jnp.bfloat16, None, "NVIDIA A100-SXM4-80GB", 80),  # GQA 8, page 64
+    (64, 8, 512, 1, 8, 4, 128, jnp.float16, None, "NVIDIA A100-SXM4-80GB", 80),  # page size 1
+    (64, 8, 16, 16, 3, 3, 64, jnp.float32, None, "NVIDIA A100-SXM4-80GB", 80),  # SmolLM2, f32 pool
+    (256, 64, 16, 64, 8, 4, 128, jnp.bfloat16, jnp.int8, "NVIDIA A100-SXM4-80GB", 80),
+    (256, 64, 16, 16, 8, 4, 128, jnp.bfloat16, jnp.float8_e4m3fn, "NVIDIA L4", 89),
+])
+def test_triton_compiles_the_kernel_for_the_gpu(tmp_path, monkeypatch, T, B, MP, S, KH, G, D, dtype, kv_dtype,
+                                                device, cc):
+    from jax._src.pallas.triton import pallas_call_registration
+
+    lowering = pallas_call_registration.lowering
+    modules, real = [], lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = real(*args, **kwargs)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", capture)
+    SDS, i32, P = jax.ShapeDtypeStruct, jnp.int32, B * MP + 1
+    pool = SDS((P, S, 2 * KH, D), dtype) if kv_dtype is None else QuantizedKV(
+        SDS((P, S, 2 * KH, D), kv_dtype), SDS((P, S, 2 * KH), jnp.bfloat16))
+    md = AttentionMetadata(SDS((B + 1,), i32), SDS((B,), i32), SDS((B, MP), i32), SDS((1,), i32))
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind=device, num_cores=58, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(functools.partial(triton.ragged_paged_attention, sm_scale=0.1)).trace(
+            SDS((T, KH * G, D), dtype), pool, md).lower(lowering_platforms=("cuda",)).as_text()
+    params = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)
+    assert len(modules) == len(params) == 2  # decode, extend
+    jobs = []
+    for i, (module, (stages, warps)) in enumerate(zip(modules, params, strict=True)):
+        path = tmp_path / f"kernel{i}.ttir"
+        path.write_text(module)
+        jobs.append((str(path), cc, int(warps), int(stages)))
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for launch, stats in zip(("decode", "extend"), json.loads(done.stdout.splitlines()[-1]), strict=True):
+        assert 0 < stats["smem"] <= SMEM_SM86, (launch, stats)
+        assert stats["spill"] == 0, (launch, stats)

@@ -220,13 +220,16 @@ def ragged_paged_attention(
     extend_block_tokens: int = 64,
     splits: int | None = None,
     interpret: bool = False,
-    num_warps: int = 4,
+    decode_warps: int = 4,
+    extend_warps: int = 8,
     num_stages: int | None = None,
 ) -> jax.Array:  # [T, NH, D], rows of padding tokens are 0
     """See the module docstring. `extend_rows`: query rows (tokens x padded heads) per extend tile;
     `num_stages`: Triton's software pipeline depth. Both default by the compute dtype's size so that
     the staged K/V blocks and the query tile fit the ~100 KB of shared memory of an A10/L4 (sm_86/89):
-    64 rows and 2 stages for 16-bit (64 KB of K/V at D 128), 32 rows and 1 stage for f32."""
+    64 rows and 2 stages for 16-bit, 32 rows and 1 stage for f32. Extend tiles run 8 warps: their
+    [64, D] f32 accumulator spills registers with 4 (upstream Triton 3.9's ptxas for sm_80: 255
+    registers and 168-1,212 B of spills with 4 warps, none with 8; shared memory <= 72 KB)."""
     why = unsupported_reason(q, kv)
     if why is not None:
         raise NotImplementedError(f"Triton attention kernel: {why}")
@@ -261,7 +264,6 @@ def ragged_paged_attention(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         interpret=interpret,
-        num_warps=num_warps,
         num_stages=num_stages,
     )
 
@@ -270,9 +272,9 @@ def ragged_paged_attention(
     q_dec = jnp.pad(qs[jnp.minimum(md.cu_q_lens[:-1], T - 1)], ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     meta_dec = jnp.stack([rows, rows, is_decode.astype(jnp.int32), pos_last, window_lo(pos_last)], axis=1)
     n_split = splits or decode_splits(B, KH, table.shape[1] // CD, _core_count())
-    o_dec, lse_dec = launch(
-        meta_dec, table, q_dec.transpose(1, 0, 2, 3), kv, tq=1, pages_per_block=CD, splits=n_split
-    )  # [splits, B, KH, 1, Gp, D], [splits, B, KH, 1, Gp]
+    q_dec = q_dec.transpose(1, 0, 2, 3)  # [KH, B, Gp, D]
+    o_dec, lse_dec = launch(meta_dec, table, q_dec, kv, tq=1, pages_per_block=CD, splits=n_split,
+                            num_warps=decode_warps)  # [splits, B, KH, 1, Gp, D], [splits, B, KH, 1, Gp]
     o_dec, lse_dec = o_dec[:, :, :, 0, :G], lse_dec[:, :, :, 0, :G]  # [splits, B, KH, G, ...]
     m = jnp.max(lse_dec, axis=0)
     w = jnp.exp(lse_dec - jnp.where(m == -jnp.inf, 0.0, m)[None])  # [splits, B, KH, G]
@@ -291,7 +293,8 @@ def ragged_paged_attention(
     pos0 = md.kv_lens[b] - q_lens[b] + local * TQ
     meta_ext = jnp.stack([b, jnp.clip(tok0, 0, T), ntok, pos0, window_lo(pos0)], axis=1)
     q_ext = jnp.pad(qs, ((0, TQ), (0, 0), (0, Ge - G), (0, 0))).transpose(1, 0, 2, 3)  # [KH, T+TQ, Ge, D]
-    o_ext, _ = launch(meta_ext, table, q_ext, kv, tq=TQ, pages_per_block=CE, splits=1)  # [1, n_max, KH, TQ, Ge, D]
+    o_ext, _ = launch(meta_ext, table, q_ext, kv, tq=TQ, pages_per_block=CE, splits=1,
+                      num_warps=extend_warps)  # [1, n_max, KH, TQ, Ge, D]
 
     # Each extend token reads its tile's row; decode tokens take the decode output; padding stays 0.
     tok = jnp.arange(T, dtype=jnp.int32)
