@@ -227,13 +227,14 @@ _COMPILE = r"""
 import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+from triton.backends.nvidia.compiler import get_ptxas
 out = []
 for path, cc, warps, stages in json.loads(sys.argv[1]):
     k = triton.compile(path, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = path + ".ptx"
     open(ptx, "w").write(k.asm["ptx"])
-    log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{cc}", ptx, "-o", os.devnull], capture_output=True,
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"  # Triton's Hopper PTX uses wgmma (sm_90a)
+    log = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", ptx, "-o", os.devnull], capture_output=True,
                          text=True, check=True).stderr
     spill = re.search(r"(\d+) bytes spill stores", log)
     out.append(dict(smem=k.metadata.shared, spill=int(spill.group(1)) if spill else -1))
@@ -250,6 +251,7 @@ SMEM_SM86 = 99 * 1024
     (64, 8, 16, 16, 3, 3, 64, jnp.float32, None, "NVIDIA A100-SXM4-80GB", 80),  # SmolLM2, f32 pool
     (256, 64, 16, 64, 8, 4, 128, jnp.bfloat16, jnp.int8, "NVIDIA A100-SXM4-80GB", 80),
     (256, 64, 16, 16, 8, 4, 128, jnp.bfloat16, jnp.float8_e4m3fn, "NVIDIA L4", 89),
+    (64, 8, 512, 1, 8, 4, 128, jnp.bfloat16, None, "NVIDIA H100 80GB HBM3", 90),  # Hopper's page size 1
 ])
 def test_triton_compiles_the_kernel_for_the_gpu(tmp_path, monkeypatch, T, B, MP, S, KH, G, D, dtype, kv_dtype,
                                                 device, cc):
