@@ -33,6 +33,7 @@ from jaxradix.models.quantization import (
     quantize_channels,
     quantizes,
 )
+from jaxradix.pallas_kernels.common import compute_capability as device_compute_capability
 from jaxradix.parallel.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32
         platform = platform or jax.default_backend()
         if dtype == "float32" and platform in ACCELERATOR_PLATFORMS:
             dtype = "bfloat16"
-        cc = compute_capability if compute_capability is not None else _compute_capability(platform)
+        if compute_capability is None and platform in ("gpu", "cuda"):
+            compute_capability = device_compute_capability()
+        cc = compute_capability
         if dtype == "bfloat16" and cc is not None and cc < 8.0:
             logger.warning("bf16 needs compute capability >= 8.0 (this GPU: %s); serving in float16 "
                            "(--dtype bfloat16 keeps bf16)", cc)
@@ -101,16 +104,6 @@ def resolve_dtype(dtype: str, hf_config: dict[str, Any], default: str = "float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def _compute_capability(platform: str) -> float | None:
-    """The NVIDIA GPU's compute capability (None on other platforms)."""
-    if platform not in ("gpu", "cuda"):
-        return None
-    try:
-        return float(getattr(jax.devices()[0], "compute_capability", None))
-    except (TypeError, ValueError):  # none, or ROCm's "gfx..."
-        return None
 
 
 def detect_format(path: Path) -> str:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxradix.pallas_kernels import reference
+from jaxradix.pallas_kernels.common import compute_capability
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked, write_kv
 
@@ -108,12 +109,8 @@ def _triton_kernel(interpret: bool, *, fallback: AttentionFn | None) -> Attentio
     return attention
 
 
-def _compute_capability() -> float | None:
-    """An NVIDIA GPU's compute capability (None on CPU, TPU and ROCm, whose is "gfx...")."""
-    try:
-        return float(getattr(jax.devices()[0], "compute_capability", None))
-    except (TypeError, ValueError):
-        return None
+def _compute_capability() -> float | None:  # one name to patch in tests
+    return compute_capability()
 
 
 def _is_hopper() -> bool:

@@ -62,5 +62,20 @@ def clean_metadata(md: AttentionMetadata) -> AttentionMetadata:
     )
 
 
+def compute_capability() -> float | None:
+    """The default device's NVIDIA compute capability, e.g. 8.0 (None on CPU, TPU and ROCm, whose is "gfx...")."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", None))
+    except (TypeError, ValueError):
+        return None
+
+
+def device_sm_count(default: int) -> int:
+    """Streaming multiprocessors of the default device (`default` when it does not say: CPU, interpret)."""
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(count) if count else default
+
+
 def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m

@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata
+from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, device_sm_count
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE, QuantizedKV, is_quantized, is_quantized_dtype
 
@@ -359,13 +359,6 @@ def default_num_splits(num_tiles: int, kv_heads: int, max_blocks: int) -> int:
     return int(max(1, min(want, 16, max_blocks)))
 
 
-def device_sm_count() -> int:
-    """Streaming multiprocessors of the default device (132 when it does not say: CPU, interpret)."""
-    device = jax.devices()[0]
-    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
-    return int(count) if count else _NUM_SMS
-
-
 @dataclass(frozen=True)
 class KernelPlan:
     """The static choices the wrapper makes for one shape."""
@@ -404,7 +397,7 @@ def plan(
     TQ = ROWS // G
     NT = min(T, -(-T // TQ) + B)  # every tile holds >= 1 token
     max_blocks = -(-MP // PB)
-    sms = _NUM_SMS if variant == "v1" else (sm_count or device_sm_count())
+    sms = _NUM_SMS if variant == "v1" else (sm_count or device_sm_count(_NUM_SMS))
 
     def smem(ns: int, r: int) -> int:
         part = q_itemsize if ns == 1 else 4

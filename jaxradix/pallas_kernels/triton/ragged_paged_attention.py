@@ -1,7 +1,7 @@
 """Ragged paged attention in Pallas's Triton backend: the path of NVIDIA GPUs without the Mosaic kernel.
 
 Hopper runs the Mosaic GPU kernel; A100, A10, L4, L40 and other sm_80+ GPUs run this one. Same contract
-as ``reference.ragged_paged_attention`` for one layer's (unquantized) pool array.
+as ``reference.ragged_paged_attention`` for one layer's pool array (plain or ``QuantizedKV``).
 
 Why a kernel and not the gathered path there: the gathered path loops over kv blocks with
 ``lax.fori_loop`` bounds read from the metadata, and XLA's GPU runtime runs a while loop of unknown
@@ -40,9 +40,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxradix.pallas_kernels.common import clean_metadata
+from jaxradix.pallas_kernels.common import clean_metadata, device_sm_count
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.quantized_kv import is_quantized
+from jaxradix.pallas_kernels.reference import KVPool
 
 # meta columns
 _ROW, _TOK0, _NTOK, _POS0, _LO = range(5)
@@ -109,6 +110,7 @@ def _kernel(
             return x
         scale = scale_ref[pages].reshape(N).astype(jnp.float32)
         return (x.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
+
     q_pos = pos0 + lax.div(lax.broadcasted_iota(jnp.int32, (M,), 0), gp)  # [M] kv position of each query row
 
     def body(j, carry):
@@ -203,13 +205,9 @@ def decode_splits(rows: int, kv_heads: int, max_blocks: int, cores: int) -> int:
     return max(1, min(want, max_blocks, 16))
 
 
-def _core_count() -> int:
-    return int(getattr(jax.devices()[0], "core_count", 0) or 108)  # 108: an A100's SMs
-
-
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
-    kv: jax.Array,  # [P, S, 2*KH, D] one layer's pool
+    kv: KVPool,  # [P, S, 2*KH, D] one layer's pool
     md: AttentionMetadata,
     *,
     sm_scale: float,
@@ -247,7 +245,7 @@ def ragged_paged_attention(
     extend_rows = extend_rows or (32 if wide else 64)
     num_stages = num_stages or (1 if wide else 2)
     TQ = max(1, _pow2(extend_rows) // _pow2(G))  # extend: TQ tokens x G' heads
-    Ge = max(_pow2(G), 16 // TQ if TQ < 16 else 1)
+    Ge = max(_pow2(G), 16 // TQ if TQ < 16 else 1)  # extend heads per token, so that TQ * Ge >= 16 dot rows
     CE = max(1, _pow2(extend_block_tokens) // S)
     C = max(CD, CE)
     table = jnp.pad(md.page_table, ((0, 0), (0, -MP % C)))  # [B, MPp]: whole kv blocks
@@ -271,7 +269,7 @@ def ragged_paged_attention(
     is_decode = (q_lens == 1) & (md.kv_lens > 0)  # [B]
     q_dec = jnp.pad(qs[jnp.minimum(md.cu_q_lens[:-1], T - 1)], ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     meta_dec = jnp.stack([rows, rows, is_decode.astype(jnp.int32), pos_last, window_lo(pos_last)], axis=1)
-    n_split = splits or decode_splits(B, KH, table.shape[1] // CD, _core_count())
+    n_split = splits or decode_splits(B, KH, table.shape[1] // CD, device_sm_count(108))  # 108: an A100's
     q_dec = q_dec.transpose(1, 0, 2, 3)  # [KH, B, Gp, D]
     o_dec, lse_dec = launch(meta_dec, table, q_dec, kv, tq=1, pages_per_block=CD, splits=n_split,
                             num_warps=decode_warps)  # [splits, B, KH, 1, Gp, D], [splits, B, KH, 1, Gp]
