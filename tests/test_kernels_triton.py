@@ -252,6 +252,8 @@ SMEM_SM86 = 99 * 1024
     (256, 64, 16, 64, 8, 4, 128, jnp.bfloat16, jnp.int8, "NVIDIA A100-SXM4-80GB", 80),
     (256, 64, 16, 16, 8, 4, 128, jnp.bfloat16, jnp.float8_e4m3fn, "NVIDIA L4", 89),
     (64, 8, 512, 1, 8, 4, 128, jnp.bfloat16, None, "NVIDIA H100 80GB HBM3", 90),  # Hopper's page size 1
+    (256, 16, 16, 16, 4, 2, 256, jnp.bfloat16, None, "NVIDIA A10", 86),  # head dim 256 (Gemma), 99 KB
+    (64, 8, 16, 16, 2, 4, 256, jnp.float32, None, "NVIDIA A10", 86),
 ])
 def test_triton_compiles_the_kernel_for_the_gpu(tmp_path, monkeypatch, T, B, MP, S, KH, G, D, dtype, kv_dtype,
                                                 device, cc):

@@ -34,6 +34,7 @@ The Triton backend of Pallas is deprecated upstream (jax 0.11 warns; jaxradix pi
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,27 @@ def _launch(
     )(meta, page_table, q, values, values, *scales)
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    block_tokens: int  # kv tokens per block (decode and extend)
+    extend_rows: int  # query rows (tokens x padded heads) per extend tile
+    num_stages: int  # Triton's software pipeline depth
+
+
+def tile_plan(head_dim: int, itemsize: int) -> TilePlan:
+    """Tiles whose staged K/V blocks and query tile fit the 99 KB of shared memory of an A10/L4 (sm_86/89)
+    and spill no registers (upstream Triton 3.9's ptxas, tests/test_kernels_triton.py): 16-bit rows up to
+    D 128 take 64-token blocks, 64-row extend tiles and two stages (<= 72 KB for sm_80); D 256 one stage
+    and 32-row tiles. f32 (exact fp32 dots, no tensor cores) one stage and 32-row tiles, 32-token blocks
+    and 16-row tiles at D 256."""
+    row = head_dim * itemsize
+    if itemsize <= 2 and row <= 256:
+        return TilePlan(block_tokens=64, extend_rows=64, num_stages=2)
+    if row <= 512:
+        return TilePlan(block_tokens=64, extend_rows=32, num_stages=1)
+    return TilePlan(block_tokens=32, extend_rows=16, num_stages=1)
+
+
 def decode_splits(rows: int, kv_heads: int, max_blocks: int, cores: int) -> int:
     """FlashDecoding splits: enough programs for two waves of the GPU's SMs, at most one per kv block."""
     want = -(-2 * cores // max(1, rows * kv_heads))
@@ -213,9 +235,9 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    decode_block_tokens: int = 64,
+    decode_block_tokens: int | None = None,
     extend_rows: int | None = None,
-    extend_block_tokens: int = 64,
+    extend_block_tokens: int | None = None,
     splits: int | None = None,
     interpret: bool = False,
     decode_warps: int = 4,
@@ -223,11 +245,9 @@ def ragged_paged_attention(
     num_stages: int | None = None,
 ) -> jax.Array:  # [T, NH, D], rows of padding tokens are 0
     """See the module docstring. `extend_rows`: query rows (tokens x padded heads) per extend tile;
-    `num_stages`: Triton's software pipeline depth. Both default by the compute dtype's size so that
-    the staged K/V blocks and the query tile fit the ~100 KB of shared memory of an A10/L4 (sm_86/89):
-    64 rows and 2 stages for 16-bit, 32 rows and 1 stage for f32. Extend tiles run 8 warps: their
-    [64, D] f32 accumulator spills registers with 4 (upstream Triton 3.9's ptxas for sm_80: 255
-    registers and 168-1,212 B of spills with 4 warps, none with 8; shared memory <= 72 KB)."""
+    `num_stages`: Triton's software pipeline depth; None: `tile_plan`'s. Extend tiles run 8 warps: their
+    [64, D] f32 accumulator spills registers with 4 (upstream Triton 3.9's ptxas for sm_80: 255 registers
+    and 168-1,212 B of spills on int8/fp8/f32 pools with 4 warps, none with 8)."""
     why = unsupported_reason(q, kv)
     if why is not None:
         raise NotImplementedError(f"Triton attention kernel: {why}")
@@ -240,10 +260,13 @@ def ragged_paged_attention(
     md = clean_metadata(md)
     B, MP = md.page_table.shape
     Gp = max(16, _pow2(G))  # decode: the G heads of a kv head are the dot's rows
+    compute = q.dtype if is_quantized(kv) else kv.dtype
+    plan = tile_plan(D, jnp.dtype(compute).itemsize)
+    decode_block_tokens = decode_block_tokens or plan.block_tokens
+    extend_block_tokens = extend_block_tokens or plan.block_tokens
+    extend_rows = extend_rows or plan.extend_rows
+    num_stages = num_stages or plan.num_stages
     CD = max(1, _pow2(decode_block_tokens) // S)
-    wide = jnp.dtype(q.dtype if is_quantized(kv) else kv.dtype).itemsize == 4
-    extend_rows = extend_rows or (32 if wide else 64)
-    num_stages = num_stages or (1 if wide else 2)
     TQ = max(1, _pow2(extend_rows) // _pow2(G))  # extend: TQ tokens x G' heads
     Ge = max(_pow2(G), 16 // TQ if TQ < 16 else 1)  # extend heads per token, so that TQ * Ge >= 16 dot rows
     CE = max(1, _pow2(extend_block_tokens) // S)
@@ -254,7 +277,6 @@ def ragged_paged_attention(
     window_lo = (
         (lambda p: jnp.zeros_like(p)) if sliding_window is None else (lambda p: jnp.maximum(p - sliding_window + 1, 0))
     )
-    compute = q.dtype if is_quantized(kv) else kv.dtype
     qs = (q.astype(jnp.float32) * sm_scale).astype(compute).reshape(T, KH, G, D)
     rows = jnp.arange(B, dtype=jnp.int32)
     launch = functools.partial(
