@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxradix.pallas_kernels.common import clean_metadata, device_sm_count
+from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, device_sm_count
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.quantized_kv import is_quantized
 from jaxradix.pallas_kernels.reference import KVPool
@@ -253,12 +253,9 @@ def ragged_paged_attention(
         raise NotImplementedError(f"Triton attention kernel: {why}")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
-    T, NH, D = q.shape
-    _, S, KH2, _ = kv.shape
-    KH = KH2 // 2
-    G = NH // KH
+    shape = AttentionShape.of(q, kv.data if is_quantized(kv) else kv, md)
+    T, NH, D, S, KH, G, B, MP = shape.T, shape.NH, shape.D, shape.S, shape.KH, shape.G, shape.B, shape.MP
     md = clean_metadata(md)
-    B, MP = md.page_table.shape
     Gp = max(16, _pow2(G))  # decode: the G heads of a kv head are the dot's rows
     compute = q.dtype if is_quantized(kv) else kv.dtype
     plan = tile_plan(D, jnp.dtype(compute).itemsize)
