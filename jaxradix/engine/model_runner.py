@@ -111,9 +111,12 @@ def sampler_mode(mode: str = "auto") -> str:
 
 
 def enable_compilation_cache(path: str | None) -> None:
+    """Every compile is cached, small ones too: the split sampler's plans take 0.1-0.5 s each and there are
+    36 per row count (embedded model on CPU, restart: sampler warm-up 24.5-27.5 -> 17.1-17.6 s, 56 -> 158
+    cache entries, 16 -> 18 MB; docs/benchmarks.md)."""
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class ModelRunner:
