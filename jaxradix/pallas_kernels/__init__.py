@@ -94,7 +94,7 @@ def _triton_kernel(interpret: bool, *, fallback: AttentionFn | None) -> Attentio
     def attention(q, kv, md, **kwargs) -> jax.Array:
         why = triton.unsupported_reason(q, kv)
         cc = _compute_capability()
-        if why is None and not interpret and (cc is None or cc < 8.0):
+        if why is None and not interpret and (cc is None or cc < 8.0):  # XLA compiles no Triton below sm_80
             why = f"needs compute capability >= 8.0, got {cc}"
         if why is None and not interpret and triton.is_fp8(kv) and cc < 8.9:
             why = f"an fp8 pool needs compute capability >= 8.9 in Triton, got {cc}"
