@@ -290,3 +290,26 @@ def test_triton_compiles_the_kernel_for_the_gpu(tmp_path, monkeypatch, T, B, MP,
     for launch, stats in zip(("decode", "extend"), json.loads(done.stdout.splitlines()[-1]), strict=True):
         assert 0 < stats["smem"] <= SMEM_SM86, (launch, stats)
         assert stats["spill"] == 0, (launch, stats)
+
+
+PROBE = dict(heads=9, kv_heads=3, head_dim=64, q_dtype=jnp.float32, kv_dtype=jnp.float32, page_size=16)
+
+
+def test_probe_serves_on_the_gathered_path_when_the_kernel_does_not_compile(on_an_a100, caplog):
+    """The engine's start-up probe (`auto` on a GPU): a kernel that fails to compile on this machine (here the
+    Triton kernel, whose GPU lowering cannot run on a CPU) is replaced by the gathered path, with a log line."""
+    attention = kernels._triton_kernel(False, fallback=None)
+    with caplog.at_level(logging.WARNING):
+        probed = kernels.probe(attention, **PROBE, platform="gpu")
+    assert probed is not attention and probed.label == "the gathered attention"
+    assert "does not compile on this GPU" in caplog.text
+    check("mixed", jnp.float32, probed)
+
+
+def test_probe_keeps_a_kernel_that_compiles():
+    gathered = kernels._gathered("gpu")
+    assert kernels.probe(gathered, **PROBE, platform="gpu") is gathered  # compiled, kept
+    quantized = PROBE | dict(kv_dtype=jnp.dtype(jnp.int8), q_dtype=jnp.bfloat16)
+    assert kernels.probe(gathered, **quantized, platform="gpu") is gathered
+    triton_kernel = kernels._triton_kernel(False, fallback=None)
+    assert kernels.probe(triton_kernel, **PROBE, platform="cpu") is triton_kernel  # no probe off a GPU

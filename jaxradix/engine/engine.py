@@ -116,7 +116,7 @@ class Engine:
         import jax
 
         from jaxradix.models.loader import load_model
-        from jaxradix.pallas_kernels import get_attention
+        from jaxradix.pallas_kernels import get_attention, probe
 
         if cfg.nnodes > 1 and cfg.tp_size != jax.device_count():
             raise ValueError(f"tp_size: with nnodes={cfg.nnodes} it must cover every device of the job "
@@ -132,6 +132,13 @@ class Engine:
         dtype = kv_dtype(cfg.kv_cache_dtype, self.loaded.model.dtype)
         tp = self.loaded.tp
         attention_fn = get_attention(cfg.attention_backend)
+        if cfg.attention_backend == "auto":
+            heads, kv_heads = mc.num_heads, mc.num_kv_heads
+            if tp is not None:
+                heads, kv_heads = tp.layout.local_heads, tp.layout.local_kv_heads
+            attention_fn = probe(attention_fn, heads=heads, kv_heads=kv_heads, head_dim=mc.head_dim,
+                                 q_dtype=self.loaded.model.dtype, kv_dtype=dtype, page_size=cfg.page_size,
+                                 sliding_window=mc.sliding_window)
         activation_bytes = self._activation_bytes(dtype, attention_fn)
         tokens = pool_tokens(mc, dtype, cfg.max_total_tokens, cfg.mem_fraction_static, tp, activation_bytes)
         self.pool = _allocate_pool(mc, tokens, cfg.page_size, dtype, tp)

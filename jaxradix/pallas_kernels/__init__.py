@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxradix.pallas_kernels import reference
+from jaxradix.pallas_kernels import metadata, reference
 from jaxradix.pallas_kernels.common import compute_capability
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.reference import ragged_paged_attention_blocked, write_kv
@@ -157,6 +157,37 @@ def _gathered(platform: str) -> AttentionFn:
 
     attention.reads_shared_prefix = True  # the engine marks a shared prefix for its cascade (gathered.py)
     attention.label = "the gathered attention"
+    return attention
+
+
+def probe(attention: AttentionFn, *, heads: int, kv_heads: int, head_dim: int, q_dtype, kv_dtype, page_size: int,
+          sliding_window: int | None = None, platform: str | None = None) -> AttentionFn:
+    """`auto` on a GPU: compile `attention` once on a small batch with a decode and an extend row, at the
+    model's shapes and dtypes (a shard's heads under tensor parallelism). If the kernel it picks fails to
+    compile on this GPU (the Triton kernel has not been compiled by XLA on every GPU it may meet), serve
+    with the gathered path instead, with a log line, rather than fail at start-up. One small compile."""
+    platform = platform or jax.default_backend()
+    if platform not in ("gpu", "cuda"):
+        return attention
+    from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE, is_quantized_dtype
+
+    SDS, i32, S, B, T = jax.ShapeDtypeStruct, jnp.int32, page_size, 2, 8  # rows: 1 decode token, 7 extend tokens
+    pages = 1 + B * max(1, -(-64 // S))
+    shape = (pages, S, 2 * kv_heads, head_dim)
+    kv = SDS(shape, kv_dtype)
+    if is_quantized_dtype(kv_dtype):
+        from jaxradix.pallas_kernels.quantized_kv import QuantizedKV
+
+        kv = QuantizedKV(SDS(shape, kv_dtype), SDS(shape[:-1], SCALE_DTYPE))
+    md = metadata.AttentionMetadata(SDS((B + 1,), i32), SDS((B,), i32), SDS((B, (pages - 1) // B), i32),
+                                    SDS((1,), i32))
+    fn = functools.partial(attention, sm_scale=head_dim**-0.5, sliding_window=sliding_window)
+    try:
+        jax.jit(fn).trace(SDS((T, heads, head_dim), q_dtype), kv, md).lower().compile()
+    except Exception as e:  # any compile failure of a kernel: keep serving on the gathered path
+        _log.warning("attention: the kernel auto picked does not compile on this GPU (%s: %s); serving with the "
+                     "gathered attention (--attention-backend gathered)", type(e).__name__, str(e).split("\n")[0][:300])
+        return _gathered(platform)
     return attention
 
 
