@@ -42,6 +42,11 @@ part step "${STEP_LIMIT:-300}" python3 scripts/bench_step.py --model-path script
 # the Triton kernel (the sm_80+ path) is timed next to the Mosaic kernel, its max|err| against the gathered path
 part kernels "${KERNELS_LIMIT:-200}" python3 scripts/bench_kernels.py --parts decode,extend --contexts 1024 2048 8192 \
   --variants v2
+# not in the default PARTS: the engine on the A100/L4 path (Triton kernel) against the gathered path it replaces,
+# on this GPU as a stand-in: the gathered step's while loops wait for the host; the trace shows the idle share
+part triton "${TRITON_LIMIT:-420}" bash -c 'rc=0; for a in triton gathered; do python3 scripts/bench_step.py \
+  --model-path scripts/configs/llama-3.1-8b --load-format dummy --batches 1,32 --sglang-prompts 0 \
+  --short-prompts 0 --attention-backend $a --trace "'"$OUT"'/trace-$a" --json "'"$OUT"'/step-$a.json" || rc=1; done; exit $rc'
 part sampler "${SAMPLER_LIMIT:-45}" python3 scripts/bench_sampler.py --iters 5
 part baseline "${BASELINE_LIMIT:-70}" python3 .baseline/b1.py
 # quantized weights (issue 14): where the step dequantizes (exit 1: a dequantized weight copy), ms per step
