@@ -6,12 +6,19 @@ A host page holds one device page of every layer: `data[L, Ph, S, 2*KH, D]` (a q
 pages, padded to a fixed page-count bucket (powers of two up to MAX_BUCKET; longer copies go in
 several calls) so nothing compiles while serving once `precompile` ran. Padding entries read and
 write the reserved device page 0 and the reserved host page 0.
+
+A save (device -> host, the write-back of pages the device evicts) is dispatched, not waited for: the
+gather runs on the device after the step in flight, and its copy to host memory lands in `data` when the
+next save, a load, or `poll` (once per engine iteration) finds it done. At most one chunk is in flight,
+so the device holds no more copy buffers than a synchronous save did. The device pages can be reused at
+once: the gather is ordered before any later step that writes them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +39,7 @@ MAX_BUCKET = 64  # pages per compiled copy
 class HostStats:
     saved_pages: int = 0  # device -> host copies (write-back on device eviction)
     loaded_pages: int = 0  # host -> device copies (a match reaching host-resident nodes)
-    save_seconds: float = 0.0  # host wall time of the copies out (they wait for the device)
+    save_seconds: float = 0.0  # host wall time of the copies out (dispatch, and waiting for an earlier one)
     load_seconds: float = 0.0  # host wall time to stage and dispatch the copies in (asynchronous)
 
 
@@ -64,6 +71,7 @@ class HostPool(PageAllocator):
         # [L, Ph, S, 2*KH, D], or a QuantizedKV of host arrays for a quantized pool
         self.data: Any = jax.tree.map(lambda a: np.zeros((L, self.num_pages) + tuple(a.shape[1:]), a.dtype), pool.kv[0])
         self.stats = HostStats()
+        self._pending: deque[tuple[np.ndarray, int, Any]] = deque()  # (host pages [k], k, device copy [L, b, ...])
         self._save = jax.jit(_gather)
         # the pool keeps its layout (sharded under TP): the compiled steps take exactly these shardings
         self._load = jax.jit(_scatter, donate_argnums=(0,), out_shardings=jax.tree.map(lambda a: a.sharding, pool.kv))
@@ -76,8 +84,28 @@ class HostPool(PageAllocator):
         return sum(a.nbytes for a in jax.tree.leaves(self.data))
 
     def _rows(self, pages: np.ndarray) -> Any:
-        """Host pages [n] of every layer: [L, n, S, 2*KH, D] (leaf by leaf)."""
+        """Host pages [n] of every layer: [L, n, S, 2*KH, D] (leaf by leaf), every save landed."""
+        self._land()
         return jax.tree.map(lambda a: a[:, pages], self.data)
+
+    def _land(self, keep: int = 0, only_ready: bool = False) -> None:
+        """Write pending saves into `data`, oldest first, until `keep` remain (only_ready: stop at one the
+        device has not finished)."""
+        while len(self._pending) > keep:
+            pages, k, out = self._pending[0]
+            if only_ready and not all(leaf.is_ready() for leaf in jax.tree.leaves(out)):
+                return
+            self._pending.popleft()
+            got = jax.device_get(out)  # [L, b, S, 2*KH, D]
+            for host, leaf in zip(jax.tree.leaves(self.data), jax.tree.leaves(got), strict=True):
+                host[:, pages] = leaf[:, :k]
+
+    def poll(self) -> None:
+        """Land the saves the device has finished (the engine calls it once per iteration)."""
+        if self._pending:
+            t = time.perf_counter()
+            self._land(only_ready=True)
+            self.stats.save_seconds += time.perf_counter() - t
 
     def _chunks(self, n: int) -> list[tuple[int, int, int]]:  # (start, length, bucket)
         out, start = [], 0
@@ -88,14 +116,16 @@ class HostPool(PageAllocator):
         return out
 
     def save(self, device_pages: np.ndarray, host_pages: np.ndarray) -> None:
-        """Copy device pages to host pages (blocks until the device has computed them)."""
+        """Copy device pages to host pages: dispatched; the copy lands in `data` later (module docstring)."""
         t = time.perf_counter()
         for start, k, b in self._chunks(len(device_pages)):
+            self._land(keep=0)  # one chunk in flight at most
             idx = np.zeros(b, np.int32)
             idx[:k] = device_pages[start:start + k]
-            out = jax.device_get(self._save(self.pool.kv, idx))  # [L, b, S, 2*KH, D]
-            for host, got in zip(jax.tree.leaves(self.data), jax.tree.leaves(out), strict=True):
-                host[:, host_pages[start:start + k]] = got[:, :k]
+            out = self._save(self.pool.kv, idx)  # [L, b, S, 2*KH, D], computed after the step in flight
+            for leaf in jax.tree.leaves(out):
+                leaf.copy_to_host_async()
+            self._pending.append((np.array(host_pages[start:start + k]), k, out))
         self.stats.saved_pages += len(device_pages)
         self.stats.save_seconds += time.perf_counter() - t
 
@@ -114,6 +144,7 @@ class HostPool(PageAllocator):
 
     def precompile(self) -> None:
         """Compile the copies of every bucket (a load of page 0 onto itself changes nothing kept)."""
+        self._land()
         for b in self.buckets:
             idx = np.zeros(b, np.int32)
             jax.device_get(self._save(self.pool.kv, idx))

@@ -526,6 +526,8 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = ()
+            if self.host_pool is not None:
+                self.host_pool.poll()  # write-backs the device has finished land in host memory
             if self._idle():
                 continue
             try:
