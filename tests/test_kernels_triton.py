@@ -26,6 +26,7 @@ from jaxradix.cache.page_pool import PagePool
 from jaxradix.engine.batch import Bucket, Buckets
 from jaxradix.engine.model_runner import ModelRunner
 from jaxradix.models.model_config import ModelConfig
+from jaxradix.pallas_kernels.common import kv_splits
 from jaxradix.pallas_kernels.gathered import ragged_paged_attention_gathered
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.quantized_kv import QuantizedKV
@@ -34,11 +35,13 @@ from jaxradix.pallas_kernels.triton import ragged_paged_attention as triton
 pytestmark = pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated:DeprecationWarning")
 
 CONTROL_FLOW = re.compile(r"stablehlo\.(while|case|if)\b")
-A100 = jax.sharding.AbstractMesh(
-    (1,),
-    ("x",),
-    abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA A100-SXM4-80GB", num_cores=108, platform="gpu"),
-)
+def abstract_gpu(kind: str, cores: int = 108) -> jax.sharding.AbstractMesh:
+    """A one-device mesh of a GPU this machine does not have: Pallas-Triton lowers for its compute capability."""
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores, platform="gpu")
+    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+
+A100 = abstract_gpu("NVIDIA A100-SXM4-80GB")
 
 # Small kv blocks so the cases cross several of them; `splits` forces FlashDecoding splits (3 leaves some
 # empty at short contexts).
@@ -70,10 +73,10 @@ def test_triton_kernel_bf16(case_name, splits, extend_rows):
 
 
 def test_decode_splits_fill_the_gpu():
-    assert triton.decode_splits(rows=1, kv_heads=8, max_blocks=64, cores=108) == 16  # capped
-    assert triton.decode_splits(rows=8, kv_heads=8, max_blocks=64, cores=108) == 4
-    assert triton.decode_splits(rows=64, kv_heads=8, max_blocks=64, cores=108) == 1
-    assert triton.decode_splits(rows=1, kv_heads=8, max_blocks=2, cores=108) == 2  # no split without a block
+    assert kv_splits(tiles=1, kv_heads=8, max_blocks=64, cores=108) == 16  # capped
+    assert kv_splits(tiles=8, kv_heads=8, max_blocks=64, cores=108) == 4
+    assert kv_splits(tiles=64, kv_heads=8, max_blocks=64, cores=108) == 1
+    assert kv_splits(tiles=1, kv_heads=8, max_blocks=2, cores=108) == 2  # no split without a block
 
 
 @pytest.mark.parametrize("case_name, kv_dtype, q_dtype, splits", [
@@ -158,9 +161,7 @@ def test_auto_on_an_a100_reads_int8_pages_in_the_kernel_and_sends_fp8_to_the_gat
 def test_fp8_pages_lower_for_an_l4(monkeypatch):
     monkeypatch.setattr(kernels, "_compute_capability", lambda: 8.9)
     q, _, clean, md = quantized_batch("mixed", "fp8_e4m3", jnp.bfloat16)
-    l4 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-        device_kind="NVIDIA L4", num_cores=58, platform="gpu"))
-    with jax.sharding.use_abstract_mesh(l4):
+    with jax.sharding.use_abstract_mesh(abstract_gpu("NVIDIA L4", cores=58)):
         fn = functools.partial(_auto_on_gpu(), sm_scale=0.125)
         text = jax.jit(fn).trace(q, clean, md).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 and not CONTROL_FLOW.search(text)
@@ -272,9 +273,7 @@ def test_triton_compiles_the_kernel_for_the_gpu(tmp_path, monkeypatch, T, B, MP,
     pool = SDS((P, S, 2 * KH, D), dtype) if kv_dtype is None else QuantizedKV(
         SDS((P, S, 2 * KH, D), kv_dtype), SDS((P, S, 2 * KH), jnp.bfloat16))
     md = AttentionMetadata(SDS((B + 1,), i32), SDS((B,), i32), SDS((B, MP), i32), SDS((1,), i32))
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-        device_kind=device, num_cores=58, platform="gpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(abstract_gpu(device)):
         text = jax.jit(functools.partial(triton.ragged_paged_attention, sm_scale=0.1)).trace(
             SDS((T, KH * G, D), dtype), pool, md).lower(lowering_platforms=("cuda",)).as_text()
     params = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)

@@ -77,5 +77,12 @@ def device_sm_count(default: int) -> int:
     return int(count) if count else default
 
 
+def kv_splits(tiles: int, kv_heads: int, max_blocks: int, cores: int) -> int:
+    """FlashDecoding kv splits: enough programs for about two waves over the GPU's `cores` SMs, at most 16
+    and never more than the kv blocks to split."""
+    want = -(-2 * cores // max(1, tiles * kv_heads))
+    return int(max(1, min(want, 16, max_blocks)))
+
+
 def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m

@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, device_sm_count
+from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, device_sm_count, kv_splits
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.quantized_kv import SCALE_DTYPE, QuantizedKV, is_quantized, is_quantized_dtype
 
@@ -354,9 +354,8 @@ def _smem_bytes(
 
 
 def default_num_splits(num_tiles: int, kv_heads: int, max_blocks: int) -> int:
-    """v1: enough kv splits for about two waves of CTAs on the GPU, never more than kv blocks."""
-    want = -(-2 * _NUM_SMS // max(1, num_tiles * kv_heads))
-    return int(max(1, min(want, 16, max_blocks)))
+    """v1: `kv_splits` for an H100's SM count, whatever the device."""
+    return kv_splits(num_tiles, kv_heads, max_blocks, _NUM_SMS)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, device_sm_count
+from jaxradix.pallas_kernels.common import AttentionShape, clean_metadata, device_sm_count, kv_splits
 from jaxradix.pallas_kernels.metadata import AttentionMetadata
 from jaxradix.pallas_kernels.quantized_kv import is_quantized
 from jaxradix.pallas_kernels.reference import KVPool
@@ -221,12 +221,6 @@ def tile_plan(head_dim: int, itemsize: int) -> TilePlan:
     return TilePlan(block_tokens=32, extend_rows=16, num_stages=1)
 
 
-def decode_splits(rows: int, kv_heads: int, max_blocks: int, cores: int) -> int:
-    """FlashDecoding splits: enough programs for two waves of the GPU's SMs, at most one per kv block."""
-    want = -(-2 * cores // max(1, rows * kv_heads))
-    return max(1, min(want, max_blocks, 16))
-
-
 def ragged_paged_attention(
     q: jax.Array,  # [T, NH, D]
     kv: KVPool,  # [P, S, 2*KH, D] one layer's pool
@@ -288,7 +282,7 @@ def ragged_paged_attention(
     is_decode = (q_lens == 1) & (md.kv_lens > 0)  # [B]
     q_dec = jnp.pad(qs[jnp.minimum(md.cu_q_lens[:-1], T - 1)], ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     meta_dec = jnp.stack([rows, rows, is_decode.astype(jnp.int32), pos_last, window_lo(pos_last)], axis=1)
-    n_split = splits or decode_splits(B, KH, table.shape[1] // CD, device_sm_count(108))  # 108: an A100's
+    n_split = splits or kv_splits(B, KH, table.shape[1] // CD, device_sm_count(108))  # 108: an A100's
     q_dec = q_dec.transpose(1, 0, 2, 3)  # [KH, B, Gp, D]
     o_dec, lse_dec = launch(meta_dec, table, q_dec, kv, tq=1, pages_per_block=CD, splits=n_split,
                             num_warps=decode_warps)  # [splits, B, KH, 1, Gp, D], [splits, B, KH, 1, Gp]
